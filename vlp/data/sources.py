@@ -1,0 +1,185 @@
+"""Raw inputs that become shards: caption files, labelled folders, identity folders, CSV/parquet lists.
+
+Each reader yields :class:`Item` (one future sample: an image file, its text and metadata) or :class:`Skip`
+(an input line or file that cannot become a sample, with the reason and where it was found). Image bytes are
+read later, by the shard writer's processes.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass
+class Item:
+    key: str  # unique within the shard set
+    image: str  # path of the image file
+    text: str | None
+    meta: dict = field(default_factory=dict)  # becomes the sample's json (uid added by the writer)
+    cls: int | None = None
+
+
+@dataclass
+class Skip:
+    reason: str
+    where: str  # file[:line]
+
+
+def make_uid(*parts: str) -> str:
+    """A stable 128-bit hex uid (DataComp style) from what identifies the sample in its source."""
+    return hashlib.md5("\x1f".join(parts).encode("utf-8")).hexdigest()
+
+
+def _safe_key(text: str) -> str:
+    # WebDataset keys end at the first dot of the file name and must not contain '/'.
+    return text.replace("/", "_").replace(".", "_")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def caption_file(
+    images: str | Path,
+    captions: str | Path,
+    split: str | Path | None = None,
+    source: str = "captions",
+    per_caption: bool = True,
+) -> Iterator[Item | Skip]:
+    """Images plus a caption file in Flickr8k's layout: header ``image,caption``, then one line per caption,
+    the caption being everything after the FIRST comma (unquoted, may contain commas).
+
+    ``per_caption=True`` writes one sample per caption (what open_clip and img2dataset users expect);
+    ``False`` writes one sample per image with ``txt`` = its first caption. Either way ``json["captions"]``
+    holds every caption of the image, so a stream can draw one per step.
+    """
+    images, captions = Path(images), Path(captions)
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder {images} does not exist")
+    wanted = None
+    if split is not None:
+        wanted = [line.strip() for line in Path(split).read_text().splitlines() if line.strip()]
+    by_image: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    with open(captions, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if lineno == 1 and line.replace(" ", "").lower().startswith("image,caption"):
+                continue
+            if not line.strip():
+                continue
+            name, comma, caption = line.partition(",")
+            if not comma:
+                yield Skip("no_comma", f"{captions}:{lineno}")
+                continue
+            caption = caption.strip()
+            if not caption:
+                yield Skip("empty_caption", f"{captions}:{lineno}")
+                continue
+            by_image[name.strip()].append((lineno, caption))
+    names = wanted if wanted is not None else list(by_image)
+    for name in names:
+        entries = by_image.get(name)
+        if not entries:
+            yield Skip("no_caption", f"{split or captions}: image {name}")
+            continue
+        path = images / name
+        all_captions = [c for _, c in entries]
+        stem = _safe_key(Path(name).stem)
+        if per_caption:
+            for i, (lineno, caption) in enumerate(entries):
+                meta = {"uid": make_uid(source, name, str(i)), "source": source, "kind": "caption",
+                        "image": name, "caption_index": i, "captions": all_captions}
+                yield Item(f"{stem}_{i}", str(path), caption, meta)
+        else:
+            meta = {"uid": make_uid(source, name), "source": source, "kind": "caption",
+                    "image": name, "captions": all_captions}
+            yield Item(stem, str(path), all_captions[0], meta)
+
+
+def labelled_folder(root: str | Path, source: str = "labels") -> Iterator[Item | Skip]:
+    """``<root>/<class>/<image>``: class index = position of the folder name in sorted order (torchvision's
+    ImageFolder rule); ``txt`` is the class name, ``json`` carries ``label`` and ``class_name``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root}: no class folders (<root>/<class>/<image> expected)")
+    for label, name in enumerate(classes):
+        for path in _images_in(root / name):
+            rel = f"{name}/{path.name}"
+            meta = {"uid": make_uid(source, rel), "source": source, "kind": "label", "label": label,
+                    "class_name": name, "image": rel}
+            yield Item(_safe_key(f"{name}_{path.stem}"), str(path), name, meta, cls=label)
+
+
+def identity_folders(root: str | Path, source: str = "identities") -> Iterator[Item | Skip]:
+    """``<root>/<person>/<image>``: identity = position of the person folder in sorted order; the folder name is
+    kept as ``json["person"]``. No text: these sets ship none."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"identity folder {root} does not exist")
+    people = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not people:
+        raise ValueError(f"{root}: no identity folders (<root>/<person>/<image> expected)")
+    for identity, person in enumerate(people):
+        for path in _images_in(root / person):
+            rel = f"{person}/{path.name}"
+            meta = {"uid": make_uid(source, rel), "source": source, "kind": "identity", "identity": identity,
+                    "person": person, "image": rel}
+            yield Item(_safe_key(f"{person}_{path.stem}"), str(path), None, meta)
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield reader.line_num, row
+
+
+def table(
+    path: str | Path,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    base: str | Path | None = None,
+    source: str | None = None,
+) -> Iterator[Item | Skip]:
+    """A CSV or parquet list of (local image path, caption, extra columns...); extra columns go into ``json``.
+    Relative image paths are resolved against ``base`` (default: the list's folder)."""
+    path = Path(path)
+    base = Path(base) if base is not None else path.parent
+    source = source or path.stem
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+        columns = set(rows[0]) if rows else set()
+        numbered = ((i + 1, row) for i, row in enumerate(rows))
+        where = "row"
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            columns = set(csv.DictReader(f).fieldnames or [])
+        numbered = _csv_rows(path)
+        where = "line"
+    for column in (image_column, caption_column):
+        if column not in columns:
+            raise KeyError(f"{path}: no column {column!r} (columns: {sorted(columns)})")
+    for n, row in numbered:
+        image, caption = row[image_column], row[caption_column]
+        if image is None or not str(image).strip():
+            yield Skip("no_image_path", f"{path}:{where} {n}")
+            continue
+        if caption is None or not str(caption).strip():
+            yield Skip("empty_caption", f"{path}:{where} {n}")
+            continue
+        extra = {k: v for k, v in row.items() if k not in (image_column, caption_column) and v not in (None, "")}
+        meta = {"uid": extra.pop("uid", None) or make_uid(source, str(image), str(n)), "source": source,
+                "kind": "caption", "image": str(image), **extra}
+        image_path = Path(image) if Path(image).is_absolute() else base / image
+        yield Item(f"{n:09d}", str(image_path), str(caption).strip(), meta)

@@ -1,0 +1,260 @@
+"""Streaming batches from shards: split over ranks and workers, shuffled, resampled or mixed.
+
+Splitting policy (epoch mode). The shards of an epoch are put in one order (shuffled with ``seed + epoch``,
+identical on every rank) and seen as one sequence of N samples. Rank r of W takes the samples
+``[N*r//W, N*(r+1)//W)``; worker k of K on that rank takes the same fraction of its rank's range. Every
+sample is read exactly once per epoch, whatever the shard count: ranks differ by at most one sample, and
+workers never sit idle when there are fewer shards than workers x ranks (a shard may be read by several
+workers, each keeping its own part of it). This needs exact per-shard counts, which vlp's manifest gives
+(foreign local tars are counted from their headers). Shards of unknown size (``pipe:``, remote without a
+manifest) fall back to whole shards dealt round-robin to the W*K slots, with a warning when some slot gets
+none.
+
+Resampled mode draws shards with replacement, forever, from a per-(rank, worker, epoch) seeded generator;
+``samples_per_epoch`` then sets where an epoch ends. Several sources with weights are always resampled and
+interleaved so that the realised proportions follow the weights at every prefix (smooth weighted round-robin),
+then shuffled together by the buffer.
+
+Bad samples are skipped and counted per reason; each batch carries the counts its worker has accumulated
+since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``loader.skipped``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, normalize_batch, parse_sample
+from vlp.data.shards import Shard, expand, iter_raw_samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    shards: str | list[str]
+    weight: float = 1.0
+    name: str | None = None
+
+
+@dataclass
+class StreamOptions:
+    batch_size: int = 256
+    shuffle_buffer: int = 2000  # 0 disables shuffling (shard order and samples both kept)
+    seed: int = 0
+    resampled: bool = False
+    samples_per_epoch: int | None = None  # required in resampled mode
+    drop_last: bool = False
+    caption: str = "first"  # "first": the sample's txt; "random": one of json["captions"] per step
+    require_text: bool = True
+    image: ImageOptions = field(default_factory=ImageOptions)
+    normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def split_range(n: int, part: int, parts: int) -> tuple[int, int]:
+    return n * part // parts, n * (part + 1) // parts
+
+
+def epoch_ranges(shards: list[Shard], slot: int, slots: int) -> list[tuple[Shard, int, int | None]]:
+    """(shard, start, stop) pieces of the global sample sequence that belong to ``slot`` of ``slots``."""
+    if all(s.samples is not None for s in shards):
+        total = sum(s.samples for s in shards)
+        lo, hi = split_range(total, slot, slots)
+        pieces, offset = [], 0
+        for shard in shards:
+            a, b = max(lo, offset), min(hi, offset + shard.samples)
+            if a < b:
+                pieces.append((shard, a - offset, b - offset))
+            offset += shard.samples
+        return pieces
+    return [(s, 0, None) for s in shards[slot::slots]]
+
+
+class ShardStream(IterableDataset):
+    """Batches (dicts) from one or several shard sources; see the module doc for the policies."""
+
+    def __init__(self, sources: list[Source] | str, opts: StreamOptions, tokenizer: Callable | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        super().__init__()
+        if isinstance(sources, str):
+            sources = [Source(sources)]
+        if not sources:
+            raise ValueError("a stream needs at least one source")
+        self.opts = opts
+        self.tokenizer = tokenizer
+        self.sources = sources
+        self.shards = [expand(s.shards) for s in sources]
+        self.weights = [float(s.weight) for s in sources]
+        if any(w <= 0 for w in self.weights):
+            raise ValueError(f"source weights must be positive, got {self.weights}")
+        self.mixing = len(sources) > 1
+        if (opts.resampled or self.mixing) and not opts.samples_per_epoch:
+            raise ValueError("resampled or mixed streams need samples_per_epoch (they never run out on their own)")
+        self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
+        self.decoder = ImageDecoder(opts.image)
+        self.epoch = 0
+        if not self.mixing and not opts.resampled:
+            unknown = sum(s.samples is None for s in self.shards[0])
+            if unknown:
+                log.warning("%d of %d shards have no known sample count: splitting by whole shards",
+                            unknown, len(self.shards[0]))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def num_samples(self) -> int | None:
+        """Samples in one epoch over all ranks (None when unknown)."""
+        if self.opts.resampled or self.mixing:
+            return self.opts.samples_per_epoch
+        counts = [s.samples for s in self.shards[0]]
+        return None if None in counts else sum(counts)
+
+    # -- raw sample streams -------------------------------------------------------------------------------
+    def _slot(self) -> tuple[int, int, int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers, worker, workers
+
+    def _epoch_samples(self, on_error) -> Iterator[dict]:
+        shards = list(self.shards[0])
+        if self.opts.shuffle_buffer:
+            random.Random(self.opts.seed * 1_000_003 + self.epoch).shuffle(shards)
+        slot, slots, _, _ = self._slot()
+        for shard, start, stop in epoch_ranges(shards, slot, slots):
+            yield from iter_raw_samples(shard.url, start, stop, on_error)
+
+    def _resampled(self, shards: list[Shard], rng: random.Random, on_error) -> Iterator[dict]:
+        while True:
+            shard = rng.choice(shards)
+            empty = True
+            for sample in iter_raw_samples(shard.url, on_error=on_error):
+                empty = False
+                yield sample
+            if empty and all(s.samples == 0 for s in shards):
+                raise ValueError(f"every shard of {shards[0].url}... is empty")
+
+    def _mixed_samples(self, rng: random.Random, on_error) -> Iterator[tuple[int, dict]]:
+        streams = [self._resampled(shards, random.Random(rng.random()), on_error) for shards in self.shards]
+        total = sum(self.weights)
+        credit = [0.0] * len(streams)
+        while True:
+            for i, w in enumerate(self.weights):
+                credit[i] += w / total
+            i = max(range(len(streams)), key=credit.__getitem__)
+            credit[i] -= 1.0
+            yield i, next(streams[i])
+
+    # -- batches -------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        opts = self.opts
+        slot, slots, _, _ = self._slot()
+        rng = random.Random(f"{opts.seed}/{self.epoch}/{slot}")
+        skipped: Counter = Counter()
+
+        def on_error(reason, where):
+            skipped[reason] += 1
+            log.warning("%s: %s", reason, where)
+
+        if opts.resampled or self.mixing:
+            lo, hi = split_range(opts.samples_per_epoch, slot, slots)
+            limit = hi - lo
+            raw = self._mixed_samples(rng, on_error)
+        else:
+            limit = None
+            raw = ((0, s) for s in self._epoch_samples(on_error))
+
+        samples = self._decoded(raw, rng, skipped, limit)
+        if opts.shuffle_buffer:
+            samples = shuffled(samples, opts.shuffle_buffer, rng)
+        batch: list[dict] = []
+        for sample in samples:
+            batch.append(sample)
+            if len(batch) == opts.batch_size:
+                yield self._collate(batch, skipped)
+                batch = []
+        if batch and not opts.drop_last:
+            yield self._collate(batch, skipped)
+        elif skipped:
+            yield {"skipped": dict(skipped)}  # counts only: Loader sums them and yields no batch
+
+    def _decoded(self, raw, rng, skipped: Counter, limit: int | None) -> Iterator[dict]:
+        count = 0
+        for source, sample in raw:
+            if limit is not None and count >= limit:
+                return
+            try:
+                parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng)
+                parsed["image"] = self.decoder(parsed["image"], rng)
+            except BadSample as e:
+                skipped[e.reason] += 1
+                continue
+            parsed["source"] = source
+            count += 1
+            yield parsed
+
+    def _collate(self, batch: list[dict], skipped: Counter) -> dict:
+        images = torch.stack([s["image"] for s in batch])
+        if self.opts.normalize:
+            images = normalize_batch(images, self.opts.image.mean, self.opts.image.std)
+        texts = [s["text"] for s in batch]
+        out = {
+            "image": images,
+            "text": self.tokenizer(texts) if self.tokenizer is not None else texts,
+            "caption": texts,
+            "uid": [s["uid"] for s in batch],
+            "key": [s["key"] for s in batch],
+            "kind": [s["kind"] for s in batch],
+            "label": torch.tensor([s["label"] for s in batch], dtype=torch.long),
+            "identity": torch.tensor([s["identity"] for s in batch], dtype=torch.long),
+            "source": torch.tensor([s["source"] for s in batch], dtype=torch.long),
+            "skipped": dict(skipped),
+        }
+        skipped.clear()
+        return out
+
+
+def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle buffer: keep ``size`` samples, emit a random one as each new one arrives."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class Loader:
+    """A DataLoader over a :class:`ShardStream` that sums the workers' bad-sample counts into ``skipped``."""
+
+    def __init__(self, stream: ShardStream, workers: int = 2, prefetch: int = 4, pin_memory: bool = False):
+        self.stream = stream
+        self.skipped: Counter = Counter()
+        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                 prefetch_factor=prefetch if workers > 0 else None,
+                                 persistent_workers=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.stream.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            self.skipped.update(batch.pop("skipped"))
+            if batch:
+                yield batch

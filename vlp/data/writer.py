@@ -1,0 +1,184 @@
+"""Shard writing: items from :mod:`vlp.data.sources` into WebDataset tars, several writer processes at once.
+
+Guarantees:
+- a shard appears under its final name only when complete (written as ``.<name>.partial``, fsynced, renamed);
+- the manifest (``manifest.json``: samples and bytes per shard, totals, the skip report) is written last, the
+  same way, so a folder with a manifest is a finished shard set;
+- a bad input (unreadable or undecodable image, empty caption, caption line without a comma) is skipped,
+  counted per reason and listed with its file and line in the report; the run goes on;
+- an existing shard set is never overwritten unless asked;
+- tars are byte-for-byte reproducible (fixed mtime and owner), images are stored as read unless a resize
+  is asked for.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from PIL import Image
+from tqdm import tqdm
+
+from vlp.data.shards import MANIFEST
+from vlp.data.sources import Item, Skip
+
+log = logging.getLogger(__name__)
+
+FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+MAX_LISTED_SKIPS = 10_000  # the report keeps counts of everything, and lists up to this many offenders
+
+
+@dataclass
+class WriterOptions:
+    samples_per_shard: int = 1000
+    workers: int = 1
+    resize: int | None = None  # shorter side, only ever shrinks; None keeps the bytes as read
+    verify: bool = True  # fully decode every image once, so broken files never reach a shard
+    prefix: str = ""
+    overwrite: bool = False
+
+
+def _encode_image(path: str, opts: WriterOptions) -> tuple[str, bytes]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if not opts.verify and opts.resize is None:
+        ext = Path(path).suffix.lower().lstrip(".").replace("jpeg", "jpg")
+        if ext in ("jpg", "png", "webp"):
+            return ext, data
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        ext = FORMAT_EXT.get(img.format)
+        needs_resize = opts.resize is not None and min(img.size) > opts.resize
+        if ext is not None and not needs_resize:
+            return ext, data
+        if needs_resize:
+            scale = opts.resize / min(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img = img.resize(size, Image.BICUBIC)
+        ext = ext or "png"
+        out = io.BytesIO()
+        if ext == "jpg":
+            img.convert("RGB").save(out, "JPEG", quality=95)
+        else:
+            img.save(out, {"png": "PNG", "webp": "WEBP"}[ext])
+        return ext, out.getvalue()
+
+
+def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict, list[tuple[str, str]]]:
+    import webdataset as wds
+
+    index, items, out, opts = task
+    name = f"{opts.prefix}{index:05d}.tar"
+    final, partial = Path(out) / name, Path(out) / f".{name}.partial"
+    skips: list[tuple[str, str]] = []
+    count = 0
+    with open(partial, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0, user="vlp", group="vlp") as tar:
+            for item in items:
+                try:
+                    ext, image = _encode_image(item.image, opts)
+                except FileNotFoundError:
+                    skips.append(("missing_image", item.image))
+                    continue
+                except OSError as e:  # PIL raises OSError subclasses for truncated or unknown images
+                    skips.append(("bad_image", f"{item.image}: {e}"))
+                    continue
+                except Exception as e:  # noqa: BLE001 - decoders raise many types; a bad file must not stop the run
+                    skips.append(("bad_image", f"{item.image}: {type(e).__name__}: {e}"))
+                    continue
+                sample = {"__key__": item.key, ext: image,
+                          "json": json.dumps(item.meta, ensure_ascii=False, default=str).encode("utf-8")}
+                if item.text is not None:
+                    sample["txt"] = item.text.encode("utf-8")
+                if item.cls is not None:
+                    sample["cls"] = str(item.cls).encode()
+                tar.write(sample)
+                count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, final)
+    return {"name": name, "samples": count, "bytes": final.stat().st_size}, skips
+
+
+def _check_output(out: Path, opts: WriterOptions) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(out.glob(f"{opts.prefix}*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    if existing and not opts.overwrite:
+        raise FileExistsError(f"{out} already holds a shard set ({existing[0].name}, ...); "
+                              "choose another folder or pass --overwrite")
+    for stale in list(out.glob(f".{opts.prefix}*.tar.partial")) + (existing if opts.overwrite else []):
+        stale.unlink()
+
+
+def write_shards(inputs: Iterable[Item | Skip], out: str | Path, opts: WriterOptions | None = None,
+                 source: str | None = None, progress: bool = True) -> dict:
+    """Write every item into ``out`` and return the manifest (also saved as ``out/manifest.json``)."""
+    opts = opts or WriterOptions()
+    if opts.samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {opts.samples_per_shard}")
+    out = Path(out)
+    items, skips = [], []
+    for x in inputs:
+        (items if isinstance(x, Item) else skips).append(x)
+    skips = [(s.reason, s.where) for s in skips]
+    keys = Counter(item.key for item in items)
+    duplicated = [k for k, n in keys.items() if n > 1]
+    if duplicated:
+        raise ValueError(f"sample keys must be unique within a shard set; {len(duplicated)} repeat, e.g. {duplicated[0]!r}")
+    _check_output(out, opts)
+
+    n = opts.samples_per_shard
+    tasks = [(i, items[s:s + n], str(out), opts) for i, s in enumerate(range(0, len(items), n))]
+    start = time.time()
+    records = []
+    bar = tqdm(total=len(items), unit="sample", desc=f"shards -> {out}", disable=not progress)
+    if opts.workers > 1 and len(tasks) > 1:
+        with ProcessPoolExecutor(opts.workers) as pool:
+            for record, bad in pool.map(_write_shard, tasks):
+                records.append(record)
+                skips.extend(bad)
+                bar.update(record["samples"] + len(bad))
+    else:
+        for task in tasks:
+            record, bad = _write_shard(task)
+            records.append(record)
+            skips.extend(bad)
+            bar.update(record["samples"] + len(bad))
+    bar.close()
+
+    counts = Counter(reason for reason, _ in skips)
+    manifest = {
+        "format": "vlp-shards/1",
+        "source": source,
+        "samples": sum(r["samples"] for r in records),
+        "bytes": sum(r["bytes"] for r in records),
+        "shards": records,
+        "skipped": dict(sorted(counts.items())),
+        "skipped_items": [{"reason": r, "where": w} for r, w in skips[:MAX_LISTED_SKIPS]],
+        "options": {"samples_per_shard": n, "resize": opts.resize, "verify": opts.verify},
+        "seconds": round(time.time() - start, 2),
+    }
+    tmp = out / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def format_report(manifest: dict, out: str | Path) -> str:
+    lines = [f"wrote {manifest['samples']:,} samples in {len(manifest['shards'])} shards "
+             f"({manifest['bytes'] / 1e6:.1f} MB) to {out} in {manifest['seconds']:.1f}s"]
+    if manifest["skipped"]:
+        total = sum(manifest["skipped"].values())
+        lines.append(f"skipped {total:,}: " + ", ".join(f"{k} {v:,}" for k, v in manifest["skipped"].items()))
+        for entry in manifest["skipped_items"][:20]:
+            lines.append(f"  {entry['reason']}: {entry['where']}")
+        if total > 20:
+            lines.append(f"  ... all listed in {Path(out) / MANIFEST}")
+    return "\n".join(lines)
