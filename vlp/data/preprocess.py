@@ -147,4 +147,5 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
         "label": -1 if label is None else int(label),
         "identity": int(meta.get("identity", -1)),
         "kind": meta.get("kind", "label" if label is not None and text is None else "caption"),
+        "meta": meta,
     }

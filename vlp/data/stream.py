@@ -220,6 +220,7 @@ class ShardStream(IterableDataset):
             "label": torch.tensor([s["label"] for s in batch], dtype=torch.long),
             "identity": torch.tensor([s["identity"] for s in batch], dtype=torch.long),
             "source": torch.tensor([s["source"] for s in batch], dtype=torch.long),
+            "meta": [s["meta"] for s in batch],
             "skipped": dict(skipped),
         }
         skipped.clear()

@@ -41,7 +41,7 @@ class WriterOptions:
     workers: int = 1
     resize: int | None = None  # shorter side, only ever shrinks; None keeps the bytes as read
     verify: bool = True  # fully decode every image once, so broken files never reach a shard
-    prefix: str = ""
+    name: str = "{index:05d}.tar"  # shard file names; CLIP_benchmark's layout uses "{index}.tar"
     overwrite: bool = False
 
 
@@ -75,7 +75,7 @@ def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict
     import webdataset as wds
 
     index, items, out, opts = task
-    name = f"{opts.prefix}{index:05d}.tar"
+    name = opts.name.format(index=index)
     final, partial = Path(out) / name, Path(out) / f".{name}.partial"
     skips: list[tuple[str, str]] = []
     count = 0
@@ -109,11 +109,11 @@ def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict
 
 def _check_output(out: Path, opts: WriterOptions) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out.glob(f"{opts.prefix}*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
+    existing = sorted(out.glob("*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
     if existing and not opts.overwrite:
         raise FileExistsError(f"{out} already holds a shard set ({existing[0].name}, ...); "
                               "choose another folder or pass --overwrite")
-    for stale in list(out.glob(f".{opts.prefix}*.tar.partial")) + (existing if opts.overwrite else []):
+    for stale in list(out.glob(".*.tar.partial")) + (existing if opts.overwrite else []):
         stale.unlink()
 
 
