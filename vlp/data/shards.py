@@ -138,6 +138,33 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
+class _CountingReader:
+    """Counts the bytes a stream delivers, so a tar cut at a member boundary can be told from a whole one."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> int:
+        while self.read(1 << 20):
+            pass
+        return self.count
+
+    def close(self):
+        self.raw.close()
+
+
+def _ends_properly(tf: tarfile.TarFile, url: str, stream: _CountingReader | None) -> bool:
+    # tarfile treats a header cut at a block boundary as the end of the archive; a whole archive has two zero
+    # blocks (1024 bytes) after the last member, which is how a tar cut between members is detected.
+    size = os.path.getsize(_local_path(url)) if stream is None else stream.drain()
+    return size >= tf.offset + 1024
+
+
 def iter_raw_samples(
     url: str,
     start: int = 0,
@@ -151,7 +178,7 @@ def iter_raw_samples(
     """
     report = on_error or (lambda reason, where: None)
     try:
-        stream = None if _is_local(url) else open_url(url)
+        stream = None if _is_local(url) else _CountingReader(open_url(url))
         tf = tarfile.open(_local_path(url), "r:") if stream is None else tarfile.open(fileobj=stream, mode="r|*")
     except (OSError, tarfile.TarError, EOFError) as e:
         report("unreadable_shard", f"{url}: {e}")
@@ -179,6 +206,8 @@ def iter_raw_samples(
                     if len(current[ext]) != member.size:
                         raise EOFError(f"member {member.name} is cut short")
             if current is not None and index >= start:
+                if not _ends_properly(tf, url, stream):
+                    raise EOFError("the archive ends without its end-of-archive blocks")
                 yield current
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         report("truncated_tar", f"{url} after sample {index}: {e}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+INTEGER_FIELDS = {"label", "identity"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
@@ -136,6 +137,16 @@ def identity_folders(root: str | Path, source: str = "identities") -> Iterator[I
             yield Item(_safe_key(f"{person}_{path.stem}"), str(path), None, meta)
 
 
+def _coerce_integers(extra: dict) -> str | None:
+    """CSV cells are strings; DESIGN.md's label and identity are ints. Returns the first field that is not."""
+    for k in sorted(INTEGER_FIELDS.intersection(extra)):
+        try:
+            extra[k] = int(extra[k])
+        except (TypeError, ValueError):
+            return k
+    return None
+
+
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -179,6 +190,10 @@ def table(
             yield Skip("empty_caption", f"{path}:{where} {n}")
             continue
         extra = {k: v for k, v in row.items() if k not in (image_column, caption_column) and v not in (None, "")}
+        bad = _coerce_integers(extra)
+        if bad:
+            yield Skip(f"bad_{bad}", f"{path}:{where} {n}: {extra[bad]!r}")
+            continue
         meta = {"uid": extra.pop("uid", None) or make_uid(source, str(image), str(n)), "source": source,
                 "kind": "caption", "image": str(image), **extra}
         image_path = Path(image) if Path(image).is_absolute() else base / image

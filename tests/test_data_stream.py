@@ -1,0 +1,182 @@
+"""Streaming: splitting over ranks and workers, shuffling, resampling, mixing, bad samples, shard specs."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import jpeg_bytes, make_sample, make_shard_set, write_tar
+from vlp.data import Loader, ShardSpecError, ShardStream, Source, StreamOptions, expand
+from vlp.data.preprocess import ImageOptions
+from vlp.data.stream import epoch_ranges
+
+
+def options(**kw) -> StreamOptions:
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("shuffle_buffer", 0)
+    kw.setdefault("image", ImageOptions(size=16))
+    return StreamOptions(**kw)
+
+
+def uids_of(stream: ShardStream, workers: int) -> list[str]:
+    return [u for batch in Loader(stream, workers=workers) for u in batch["uid"]]
+
+
+@pytest.mark.parametrize("sizes", [[13, 7, 20, 5, 9, 11, 2], [37], [3, 3]], ids=["7-uneven", "1-shard", "2-tiny"])
+def test_two_ranks_two_workers_read_every_sample_once(tmp_path, sizes):
+    expected = make_shard_set(tmp_path, sizes)
+    per_rank = []
+    for rank in range(2):
+        stream = ShardStream(f"{tmp_path}/{{00000..{len(sizes) - 1:05d}}}.tar", options(shuffle_buffer=50, seed=3),
+                             rank=rank, world_size=2)
+        per_rank.append(uids_of(stream, workers=2))
+    seen = per_rank[0] + per_rank[1]
+    assert sorted(seen) == sorted(expected), "a sample was dropped or duplicated"
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1, "ranks must get the same number of samples (+-1)"
+
+
+def test_fewer_shards_than_slots_keeps_every_worker_busy(tmp_path):
+    make_shard_set(tmp_path, [40])
+    pieces = [epoch_ranges(expand(str(tmp_path)), slot, 4) for slot in range(4)]
+    assert [sum(b - a for _, a, b in p) for p in pieces] == [10, 10, 10, 10]
+
+
+def test_unknown_sizes_fall_back_to_whole_shards_round_robin(tmp_path):
+    expected = make_shard_set(tmp_path, [5, 6, 7], manifest=False)
+    spec = f"pipe:cat {tmp_path}/{{00000..00002}}.tar"
+    assert all(s.samples is None for s in expand(spec))
+    seen = []
+    for rank in range(2):
+        seen += uids_of(ShardStream(spec, options(), rank=rank, world_size=2), workers=2)
+    assert sorted(seen) == sorted(expected)
+
+
+def test_local_tars_without_manifest_are_counted_from_headers(tmp_path):
+    make_shard_set(tmp_path, [4, 9], manifest=False)
+    assert [s.samples for s in expand(str(tmp_path))] == [4, 9]
+
+
+def test_shuffle_is_seeded_and_changes_with_the_epoch(tmp_path):
+    make_shard_set(tmp_path, [30, 30, 30])
+
+    def order(seed, epoch):
+        stream = ShardStream(str(tmp_path), options(shuffle_buffer=40, seed=seed))
+        stream.set_epoch(epoch)
+        return uids_of(stream, workers=0)
+
+    a = order(0, 0)
+    assert a == order(0, 0)
+    assert a != order(0, 1) and a != order(1, 0)
+    assert sorted(a) == sorted(order(0, 1))
+    assert a != sorted(a)
+
+
+def test_resampled_epoch_has_exactly_samples_per_epoch(tmp_path):
+    make_shard_set(tmp_path, [10, 10])
+    stream = ShardStream(str(tmp_path), options(resampled=True, samples_per_epoch=103), rank=0, world_size=1)
+    uids = uids_of(stream, workers=2)
+    assert len(uids) == 103
+    assert len(set(uids)) <= 20
+
+
+def test_weighted_mixing_follows_the_weights(tmp_path):
+    make_shard_set(tmp_path / "captions", [50, 50], prefix="c")
+    make_shard_set(tmp_path / "labels", [20], prefix="l")
+    sources = [Source(str(tmp_path / "captions"), 0.7), Source(str(tmp_path / "labels"), 0.3)]
+    stream = ShardStream(sources, options(batch_size=64, shuffle_buffer=100, samples_per_epoch=2000))
+    counts = Counter()
+    for batch in Loader(stream, workers=2):
+        counts.update(batch["source"].tolist())
+    assert sum(counts.values()) == 2000
+    assert abs(counts[0] / 2000 - 0.7) < 0.02 and abs(counts[1] / 2000 - 0.3) < 0.02
+
+
+def test_resampled_streams_need_an_epoch_length(tmp_path):
+    make_shard_set(tmp_path, [3])
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        ShardStream(str(tmp_path), options(resampled=True))
+
+
+def test_bad_samples_are_skipped_and_counted_per_reason(tmp_path):
+    good = [make_sample(f"g{i}", i) for i in range(6)]
+    broken_image = {"__key__": "b0", "jpg": jpeg_bytes(99)[:200], "txt": b"cut image"}
+    no_text = {"__key__": "b1", "jpg": jpeg_bytes(98)}
+    latin1 = {"__key__": "b2", "jpg": jpeg_bytes(97), "txt": "caf\xe9".encode("latin-1")}
+    write_tar(tmp_path / "00000.tar", good[:3] + [broken_image, no_text, latin1])
+    write_tar(tmp_path / "00001.tar", good[3:])
+    data = (tmp_path / "00001.tar").read_bytes()
+    (tmp_path / "00001.tar").write_bytes(data[: len(data) // 2])  # truncated mid-sample
+    loader = Loader(ShardStream(str(tmp_path), options()), workers=2)
+    keys = [k for batch in loader for k in batch["key"]]
+    assert set(keys) >= {"g0", "g1", "g2"} and not set(keys) & {"b0", "b1", "b2"}
+    assert loader.skipped["image_decode"] == 1
+    assert loader.skipped["no_text"] == 1
+    assert loader.skipped["text_not_utf8"] == 1
+    assert loader.skipped["truncated_tar"] == 1
+    assert 3 < len(keys) < 6, "samples before the truncation are kept, the cut one is not"
+
+
+def test_batches_carry_metadata_and_tokens(tmp_path):
+    import open_clip
+
+    import vlp.models  # noqa: F401 - registers vlp-tiny-32
+
+    make_shard_set(tmp_path, [5], kind="label", label=4, identity=7)
+    tokenizer = open_clip.get_tokenizer("vlp-tiny-32")
+    batch = next(iter(Loader(ShardStream(str(tmp_path), options(), tokenizer), workers=0)))
+    assert batch["image"].shape == (5, 3, 16, 16) and batch["image"].dtype == torch.float32
+    assert batch["text"].shape == (5, 32) and batch["text"].dtype == torch.long
+    assert batch["label"].tolist() == [4] * 5 and batch["identity"].tolist() == [7] * 5
+    assert batch["kind"] == ["label"] * 5 and batch["uid"][0] == f"{0:032x}"
+    assert batch["text"][0].tolist() == tokenizer(["caption s000000"])[0].tolist()
+
+
+def test_shard_specs(tmp_path):
+    make_shard_set(tmp_path / "a", [2, 3])
+    make_shard_set(tmp_path / "b", [4])
+    shards = expand(f"{tmp_path}/a/{{00000..00001}}.tar::{tmp_path}/b/00000.tar")
+    assert [s.samples for s in shards] == [2, 3, 4]
+    assert len(uids_of(ShardStream(f"file://{tmp_path}/b/00000.tar", options()), workers=0)) == 4
+    import fsspec
+
+    with fsspec.open("memory://bucket/00000.tar", "wb") as f:  # any fsspec URL (s3://, gs://, ...)
+        f.write((tmp_path / "b" / "00000.tar").read_bytes())
+    assert len(uids_of(ShardStream("memory://bucket/{00000..00000}.tar", options()), workers=0)) == 4
+    with pytest.raises(ShardSpecError, match=r"00002.tar' does not exist \(and 5 more\)"):
+        expand(f"{tmp_path}/a/{{00000..00007}}.tar")
+    with pytest.raises(ShardSpecError, match="matches no file"):
+        expand(f"{tmp_path}/nothing-*.tar")
+
+
+def test_bad_manifest_names_the_file(tmp_path):
+    make_shard_set(tmp_path, [2])
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ShardSpecError, match="manifest.json"):
+        expand(str(tmp_path))
+
+
+def test_captions_drawn_at_random_cover_every_caption(tmp_path):
+    captions = ["one", "two", "three"]
+    write_tar(tmp_path / "00000.tar", [{"__key__": "k", "jpg": jpeg_bytes(1), "txt": b"one",
+                                        "json": json.dumps({"captions": captions}).encode()}])
+    seen = set()
+    for epoch in range(30):
+        stream = ShardStream(str(tmp_path), options(caption="random"))
+        stream.set_epoch(epoch)
+        seen.update(c for batch in Loader(stream, workers=0) for c in batch["caption"])
+    assert seen == set(captions)
+
+
+def test_reads_tars_from_a_pipe_with_directories_and_odd_members(tmp_path):
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in [("sub/a.jpg", jpeg_bytes(1)), ("sub/a.txt", b"x"), ("__meta__.json", b"{}")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    batch = next(iter(Loader(ShardStream(f"pipe:cat {path}", options()), workers=0)))
+    assert batch["key"] == ["sub/a"] and batch["caption"] == ["x"]

@@ -1,0 +1,184 @@
+"""Shard writing from real input layouts: counts, bad input, atomicity, reproducibility."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import jpeg_bytes
+from vlp.cli import main as cli
+from vlp.data import WriterOptions, expand, iter_raw_samples, sources, write_shards
+from vlp.data import writer as writer_module
+
+
+def read_samples(folder: Path) -> list[dict]:
+    return [s for shard in expand(str(folder)) for s in iter_raw_samples(shard.url)]
+
+
+@pytest.fixture
+def caption_input(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(5):
+        (images / f"img{i}.jpg").write_bytes(jpeg_bytes(i))
+    (images / "broken.jpg").write_bytes(jpeg_bytes(9)[:300])
+    lines = ["image,caption",
+             "img0.jpg,A dog, a ball, and a park.",
+             "img0.jpg,second caption of img0",
+             "img1.jpg,a cat",
+             "img2.jpg,   ",
+             "img2.jpg,a bird",
+             "a line without any comma",
+             "img3.jpg,a fish",
+             "missing.jpg,an image that is not there",
+             "broken.jpg,a truncated jpeg",
+             "img4.jpg,a horse"]
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_caption_file_keeps_commas_and_reports_bad_lines(caption_input, tmp_path):
+    out = tmp_path / "shards"
+    items = sources.caption_file(caption_input / "images", caption_input / "captions.txt", source="toy")
+    manifest = write_shards(items, out, WriterOptions(samples_per_shard=3), source="toy", progress=False)
+    samples = read_samples(out)
+    texts = {s["__key__"]: s["txt"].decode() for s in samples}
+    assert texts["img0_0"] == "A dog, a ball, and a park."  # everything after the FIRST comma
+    assert manifest["samples"] == len(samples) == 6
+    assert [s["samples"] for s in manifest["shards"]] == [3, 2, 1]  # images that fail are left out of their shard
+    assert manifest["skipped"] == {"bad_image": 1, "empty_caption": 1, "missing_image": 1, "no_comma": 1}
+    where = {e["reason"]: e["where"] for e in manifest["skipped_items"]}
+    assert where["no_comma"].endswith("captions.txt:7") and where["empty_caption"].endswith("captions.txt:5")
+    assert where["missing_image"].endswith("missing.jpg") and "broken.jpg" in where["bad_image"]
+    meta = json.loads(next(s for s in samples if s["__key__"] == "img0_1")["json"])
+    assert re.fullmatch(r"[0-9a-f]{32}", meta["uid"])
+    assert meta["captions"] == ["A dog, a ball, and a park.", "second caption of img0"]
+    assert meta["kind"] == "caption" and meta["source"] == "toy" and meta["caption_index"] == 1
+    stored = next(s for s in samples if s["__key__"] == "img1_0")["jpg"]
+    assert stored == (caption_input / "images" / "img1.jpg").read_bytes(), "image bytes are kept as read"
+
+
+def test_split_file_and_per_image_mode(caption_input, tmp_path):
+    (tmp_path / "split.txt").write_text("img0.jpg\nimg3.jpg\n")
+    items = list(sources.caption_file(caption_input / "images", caption_input / "captions.txt",
+                                      tmp_path / "split.txt", per_caption=False))
+    assert [(i.key, i.text) for i in items if isinstance(i, sources.Item)] == [("img0", "A dog, a ball, and a park."), ("img3", "a fish")]
+
+
+def test_shards_are_reproducible_and_parallel_writing_matches(caption_input, tmp_path):
+    def write(name, workers):
+        items = sources.caption_file(caption_input / "images", caption_input / "captions.txt")
+        write_shards(items, tmp_path / name, WriterOptions(samples_per_shard=2, workers=workers), progress=False)
+        return {p.name: p.read_bytes() for p in sorted((tmp_path / name).glob("*.tar"))}
+
+    serial, parallel = write("a", 1), write("b", 2)
+    assert len(serial) == 4 and serial == parallel
+
+
+def test_existing_shard_set_is_not_overwritten(caption_input, tmp_path):
+    out = tmp_path / "shards"
+    items = lambda: sources.caption_file(caption_input / "images", caption_input / "captions.txt")  # noqa: E731
+    write_shards(items(), out, progress=False)
+    before = (out / "00000.tar").read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_shards(items(), out, progress=False)
+    assert (out / "00000.tar").read_bytes() == before
+    write_shards(items(), out, WriterOptions(overwrite=True), progress=False)
+
+
+def test_a_crash_mid_shard_leaves_no_shard_under_its_final_name(caption_input, tmp_path, monkeypatch):
+    real = writer_module._encode_image
+    calls = {"n": 0}
+
+    def dying(path, opts):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt  # a kill in the middle of the second shard
+        return real(path, opts)
+
+    monkeypatch.setattr(writer_module, "_encode_image", dying)
+    out = tmp_path / "shards"
+    items = sources.caption_file(caption_input / "images", caption_input / "captions.txt")
+    with pytest.raises(KeyboardInterrupt):
+        write_shards(items, out, WriterOptions(samples_per_shard=3), progress=False)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["00000.tar"]
+    assert not (out / "manifest.json").exists(), "a manifest only exists for a complete shard set"
+    assert len(read_samples(out)) == 3
+
+
+def test_labelled_and_identity_folders(tmp_path):
+    for cls in ("cat", "airplane"):
+        (tmp_path / "labels" / cls).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "labels" / cls / f"{i}.jpg").write_bytes(jpeg_bytes(i))
+    write_shards(sources.labelled_folder(tmp_path / "labels", "toy"), tmp_path / "s1", progress=False)
+    samples = read_samples(tmp_path / "s1")
+    by_key = {s["__key__"]: s for s in samples}
+    assert by_key["airplane_0"]["cls"] == b"0" and by_key["cat_1"]["cls"] == b"1"
+    assert json.loads(by_key["cat_1"]["json"])["class_name"] == "cat" and by_key["cat_1"]["txt"] == b"cat"
+
+    for person in ("0007", "0042"):
+        (tmp_path / "people" / person).mkdir(parents=True)
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((128, 48, 3), np.uint8)).save(buf, "PNG")
+        (tmp_path / "people" / person / "01_1.png").write_bytes(buf.getvalue())
+    write_shards(sources.identity_folders(tmp_path / "people"), tmp_path / "s2", progress=False)
+    metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "s2")]
+    assert [(m["identity"], m["person"]) for m in metas] == [(0, "0007"), (1, "0042")]
+    assert all("txt" not in s and "png" in s for s in read_samples(tmp_path / "s2"))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_table_lists_put_extra_columns_into_json(tmp_path, fmt):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "b.jpg").write_bytes(jpeg_bytes(2))
+    rows = [{"image": "a.jpg", "caption": "first", "label": "3", "url": "http://x/a"},
+            {"image": "b.jpg", "caption": "", "label": "4", "url": "http://x/b"},
+            {"image": str(tmp_path / "b.jpg"), "caption": "absolute path", "label": "5", "url": ""}]
+    if fmt == "csv":
+        import csv
+
+        with open(tmp_path / "list.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
+    manifest = write_shards(sources.table(tmp_path / f"list.{fmt}"), tmp_path / "out", progress=False)
+    metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "out")]
+    assert [(m["label"], m.get("url")) for m in metas] == [(3, "http://x/a"), (5, None)]
+    assert manifest["skipped"] == {"empty_caption": 1}
+    assert manifest["skipped_items"][0]["where"].endswith(("line 3", "row 2"))
+    with pytest.raises(KeyError, match="no column 'text'"):
+        list(sources.table(tmp_path / f"list.{fmt}", caption_column="text"))
+
+
+def test_resize_shrinks_and_reencodes(tmp_path):
+    (tmp_path / "c" / "x").mkdir(parents=True)
+    Image.fromarray(np.full((100, 200, 3), 128, np.uint8)).save(tmp_path / "c" / "x" / "big.jpg", quality=95)
+    write_shards(sources.labelled_folder(tmp_path / "c"), tmp_path / "out", WriterOptions(resize=50), progress=False)
+    (sample,) = read_samples(tmp_path / "out")
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (100, 50)
+
+
+def test_cli_writes_shards_and_reports_skips(caption_input, tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert cli(["shards", "captions", "--images", str(caption_input / "images"), "--captions",
+                str(caption_input / "captions.txt"), "--out", str(out), "--workers", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 6 samples in 1 shards" in printed and "no_comma 1" in printed and "captions.txt:7" in printed
+    assert cli(["shards", "info", str(out)]) == 0
+    assert "1 shards, 6 samples" in capsys.readouterr().out
+    assert cli(["shards", "folder", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    assert "nope does not exist" in capsys.readouterr().err
+    with tarfile.open(out / "00000.tar") as tf:
+        assert all(m.mtime == 0 for m in tf.getmembers())
