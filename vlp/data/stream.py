@@ -20,6 +20,7 @@ since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``l
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -105,6 +106,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
         self.decoder = ImageDecoder(opts.image)
         self.epoch = 0
+        self.resume_from: dict[int, int] = {}  # slot -> raw samples to skip (set by Loader.load_state_dict)
         if not self.mixing and not opts.resampled:
             unknown = sum(s.samples is None for s in self.shards[0])
             if unknown:
@@ -159,6 +161,9 @@ class ShardStream(IterableDataset):
 
     # -- batches -------------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
+        """Per worker: raw samples -> shuffle buffer -> (skip what a resumed run already consumed) -> decode ->
+        batches. Decoding draws from a generator seeded by the sample's position in this sequence, so skipping
+        needs no decoding and a resumed stream continues exactly where the interrupted one stopped."""
         opts = self.opts
         slot, slots, _, _ = self._slot()
         rng = random.Random(f"{opts.seed}/{self.epoch}/{slot}")
@@ -170,42 +175,38 @@ class ShardStream(IterableDataset):
 
         if opts.resampled or self.mixing:
             lo, hi = split_range(opts.samples_per_epoch, slot, slots)
-            limit = hi - lo
-            raw = self._mixed_samples(rng, on_error)
+            raw: Iterator = itertools.islice(self._mixed_samples(rng, on_error), hi - lo)
         else:
-            limit = None
             raw = ((0, s) for s in self._epoch_samples(on_error))
-
-        samples = self._decoded(raw, rng, skipped, limit)
         if opts.shuffle_buffer:
-            samples = shuffled(samples, opts.shuffle_buffer, rng)
-        batch: list[dict] = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == opts.batch_size:
-                yield self._collate(batch, skipped)
-                batch = []
-        if batch and not opts.drop_last:
-            yield self._collate(batch, skipped)
-        elif skipped:
-            yield {"skipped": dict(skipped)}  # counts only: Loader sums them and yields no batch
+            raw = shuffled(raw, opts.shuffle_buffer, rng)
+        position = self.resume_from.get(slot, 0)
+        raw = itertools.islice(raw, position, None)
 
-    def _decoded(self, raw, rng, skipped: Counter, limit: int | None) -> Iterator[dict]:
-        count = 0
+        batch: list[dict] = []
         for source, sample in raw:
-            if limit is not None and count >= limit:
-                return
+            position += 1
             try:
-                parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng)
-                parsed["image"] = self.decoder(parsed["image"], rng)
+                parsed = self._decode(sample, random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}"))
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue
             parsed["source"] = source
-            count += 1
-            yield parsed
+            batch.append(parsed)
+            if len(batch) == opts.batch_size:
+                yield self._collate(batch, skipped, slot, position)
+                batch = []
+        if batch and not opts.drop_last:
+            yield self._collate(batch, skipped, slot, position)
+        # Always end with a marker: the Loader needs it to keep its batch order well defined (see Loader).
+        yield {"skipped": dict(skipped), "worker": slot, "position": position, "end": True}
 
-    def _collate(self, batch: list[dict], skipped: Counter) -> dict:
+    def _decode(self, sample: dict, rng: random.Random) -> dict:
+        parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng)
+        parsed["image"] = self.decoder(parsed["image"], rng)
+        return parsed
+
+    def _collate(self, batch: list[dict], skipped: Counter, slot: int, position: int) -> dict:
         images = torch.stack([s["image"] for s in batch])
         if self.opts.normalize:
             images = normalize_batch(images, self.opts.image.mean, self.opts.image.std)
@@ -222,12 +223,14 @@ class ShardStream(IterableDataset):
             "source": torch.tensor([s["source"] for s in batch], dtype=torch.long),
             "meta": [s["meta"] for s in batch],
             "skipped": dict(skipped),
+            "worker": slot,
+            "position": position,  # raw samples this worker has consumed, up to and including this batch
         }
         skipped.clear()
         return out
 
 
-def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+def shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
     """Shuffle buffer: keep ``size`` samples, emit a random one as each new one arrives."""
     buffer: list[dict] = []
     for sample in samples:
@@ -242,20 +245,68 @@ def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator
 
 
 class Loader:
-    """A DataLoader over a :class:`ShardStream` that sums the workers' bad-sample counts into ``skipped``."""
+    """A DataLoader over a :class:`ShardStream` with a resumable position and summed bad-sample counts.
+
+    Batches are yielded in a fixed order of their own, round-robin over this rank's workers (skipping those
+    that have ended), whatever order the DataLoader delivers them in. That order, the epoch and each worker's
+    position are the whole data state: ``state_dict()`` after any batch, ``load_state_dict()`` on a new Loader,
+    and iteration continues with exactly the batch that would have come next.
+    """
 
     def __init__(self, stream: ShardStream, workers: int = 2, prefetch: int = 4, pin_memory: bool = False):
         self.stream = stream
+        self.workers = workers
         self.skipped: Counter = Counter()
+        self.epoch = stream.epoch
+        self._state = self._fresh_state()
         self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=prefetch if workers > 0 else None,
                                  persistent_workers=False)
 
+    def _fresh_state(self) -> dict:
+        return {"positions": {}, "next": 0, "ended": []}
+
     def set_epoch(self, epoch: int) -> None:
-        self.stream.set_epoch(epoch)
+        if epoch != self.epoch:
+            self.epoch, self._state = epoch, self._fresh_state()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "positions": dict(self._state["positions"]), "next": self._state["next"],
+                "ended": list(self._state["ended"]), "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._state = {"positions": {int(k): int(v) for k, v in state["positions"].items()},
+                       "next": int(state["next"]), "ended": [int(w) for w in state["ended"]]}
+        self.skipped = Counter(state.get("skipped", {}))
 
     def __iter__(self) -> Iterator[dict]:
+        state = self._state
+        self.stream.set_epoch(self.epoch)
+        self.stream.resume_from = dict(state["positions"])
+        rank0 = self.stream.rank * max(self.workers, 1)
+        order = [rank0 + w for w in range(max(self.workers, 1))]
+        pending: dict[int, list[dict]] = {w: [] for w in order}
+        ended = set(state["ended"])
+
+        def due() -> int | None:
+            for step in range(len(order)):
+                w = order[(state["next"] + step) % len(order)]
+                if w not in ended or pending[w]:
+                    return w
+            return None
+
         for batch in self.loader:
-            self.skipped.update(batch.pop("skipped"))
-            if batch:
-                yield batch
+            pending[batch["worker"]].append(batch)
+            while (w := due()) is not None and pending[w]:
+                item = pending[w].pop(0)
+                self.skipped.update(item.pop("skipped"))
+                if item.pop("end", False):
+                    ended.add(w)
+                    state["ended"] = sorted(ended)
+                    continue
+                state["positions"][w] = item.pop("position")
+                item.pop("worker")
+                state["next"] = (order.index(w) + 1) % len(order)
+                yield item
+        self.set_epoch(self.epoch + 1)
