@@ -6,11 +6,16 @@ the same writer users run on their data, and the shards are streamed back throug
 from __future__ import annotations
 
 import csv
+import fcntl
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from vlp.data import sources
+from vlp.data.writer import WriterOptions, write_shards
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 CAPTION_TEMPLATES = ["a photo of the digit {word}.", "a handwritten {word}.", "the number {n}, written by hand.",
@@ -45,10 +50,34 @@ def write_digit_images(out: Path, size: int = 32) -> tuple[Path, Path]:
     return train_csv, test_root
 
 
+def cache_dir() -> Path:
+    return Path(os.environ.get("VLP_CACHE", Path.home() / ".cache" / "vlp"))
+
+
+def builtin_data(name: str) -> Path:
+    """A dataset vlp can make from an installed package, built once into the cache (``VLP_CACHE``):
+    ``<root>/shards`` (train split, caption shards) and ``<root>/raw/test/<class>/`` (held-out image folder)."""
+    if name != "digits":
+        raise KeyError(f"unknown builtin dataset {name!r} (known: digits)")
+    root = cache_dir() / "builtin" / name
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # torchrun ranks may ask at the same moment
+        if not (root / "shards" / "manifest.json").exists():
+            train_csv, _ = write_digit_images(root / "raw")
+            write_shards(sources.table(train_csv, source=name), root / "shards",
+                         WriterOptions(samples_per_shard=256, workers=1, overwrite=True), source=name, progress=False)
+    return root
+
+
+def builtin_shards(name: str) -> Path:
+    return builtin_data(name) / "shards"
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> int:
-    from vlp.data import Loader, ShardStream, StreamOptions, sources
+    from vlp.data import Loader, ShardStream, StreamOptions
     from vlp.data.preprocess import ImageOptions
-    from vlp.data.writer import WriterOptions, format_report, write_shards
+    from vlp.data.writer import format_report
 
     out = Path(out)
     raw = out / "raw"

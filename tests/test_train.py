@@ -1,0 +1,151 @@
+"""The training engine on CPU: exact resume, accumulation semantics, divergence, checkpoints, parameter rules."""
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+
+from conftest import make_shard_set
+from vlp.config import experiment_from_dict
+from vlp.train import checkpoint
+from vlp.train.loop import Trainer, TrainingDiverged
+
+
+def experiment(shards, **sections):
+    data = {"name": "t", "data": {"train": [{"shards": str(shards)}], "batch_size": 8, "workers": 0,
+                                  "shuffle_buffer": 16},
+            "model": {"name": "vlp-tiny-32"}, "train": {"epochs": 2, "log_every": 1},
+            "optim": {"lr": 1e-3}, "schedule": {"warmup_steps": 2}}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return experiment_from_dict(data)
+
+
+def weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-shards")
+    make_shard_set(root, [21, 19])  # 40 samples: 5 batches of 8 per epoch
+    return root
+
+
+def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path):
+    exp = experiment(shards, data={"workers": 2}, train={"checkpoint_every": 100})
+    full = Trainer(exp, tmp_path / "full")
+    full.train()
+    assert full.step == 12 and full.epoch == 1  # 2 workers x 20 samples: batches of 8, 8, 4 each
+
+    first = Trainer(exp, tmp_path / "killed")
+    real_step = first.train_step
+
+    def step_then_stop(micro):
+        record = real_step(micro)
+        if first.step == 8:  # stop inside the second epoch, as SIGTERM would
+            first._stop = True
+        return record
+
+    first.train_step = step_then_stop
+    first.train()
+    assert first.step == 9 and checkpoint.latest(tmp_path / "killed").name == "step-0000009"
+    resumed = Trainer(exp, tmp_path / "killed")
+    assert resumed.step == 9 and resumed.epoch == 1
+    resumed.train()
+    a, b = weights(full), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must follow the uninterrupted one exactly"
+
+
+def test_accumulation_gives_the_big_batch_gradient(shards, tmp_path):
+    def first_step_grads(batch_size, accum):
+        exp = experiment(shards, data={"batch_size": batch_size, "shuffle_buffer": 0, "scale": [1.0, 1.0]},
+                         train={"accum_steps": accum, "max_steps": 1})
+        trainer = Trainer(exp, tmp_path / f"acc{accum}")
+        captured = {}
+
+        def capture(closure=None):
+            if not captured:  # the first call is the training step (checkpointing may call it again)
+                captured.update({n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()
+                                 if p.grad is not None})
+
+        trainer.optimizer.step = capture
+        trainer.train()
+        return trainer.last_record["loss"], captured
+
+    loss_big, big = first_step_grads(16, 1)
+    loss_acc, acc = first_step_grads(8, 2)
+    assert math.isclose(loss_big, loss_acc, rel_tol=1e-5)
+    assert big.keys() == acc.keys()
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+    exp = experiment(shards, train={"checkpoint_every": 2, "max_steps": 6})
+    trainer = Trainer(exp, tmp_path)
+    real_step = trainer.train_step
+
+    def poisoned(micro):
+        if trainer.step == 3:
+            with torch.no_grad():
+                trainer.raw_model.logit_scale.fill_(float("nan"))
+        return real_step(micro)
+
+    trainer.train_step = poisoned
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4 .*step-0000002"):
+        trainer.train()
+    model_state, state = checkpoint.load(checkpoint.latest(tmp_path))
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in model_state.values())
+
+
+def test_checkpoint_loads_in_open_clip(shards, tmp_path):
+    trainer = Trainer(experiment(shards, train={"max_steps": 1}), tmp_path)
+    trainer.train()
+    path = checkpoint.latest(tmp_path) / "model.safetensors"
+    model, _, preprocess = open_clip.create_model_and_transforms("vlp-tiny-32", pretrained=str(path))
+    ours = trainer.raw_model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in model.state_dict().items())
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_previous_one(shards, tmp_path, monkeypatch):
+    trainer = Trainer(experiment(shards, train={"max_steps": 1}), tmp_path)
+    trainer.train()
+    good = checkpoint.latest(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", broken)
+    trainer.step = 2
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save()
+    assert checkpoint.latest(tmp_path) == good
+    assert checkpoint.load(good)[1]["step"] == 1
+
+
+def test_parameter_rules_freeze_a_tower_and_drop_weight_decay(shards, tmp_path):
+    rules = [{"pattern": r".*bias", "weight_decay": 0.0}, {"pattern": r"visual\..*", "freeze": True}]
+    trainer = Trainer(experiment(shards, optim={"rules": rules}, train={"max_steps": 2}), tmp_path)
+    before = weights(trainer)
+    trainer.train()
+    after = weights(trainer)
+    visual = [k for k in before if k.startswith("visual.")]
+    text = [k for k in before if k.startswith("transformer.") and k.endswith("weight")]
+    assert visual and all(torch.equal(before[k], after[k]) for k in visual)
+    assert all(not torch.equal(before[k], after[k]) for k in text)
+    decays = {g["weight_decay"] for g in trainer.optimizer.param_groups}
+    assert decays == {0.0, 0.1}
+
+
+def test_siglip_objective_trains(shards, tmp_path):
+    exp = experiment(shards, model={"init_logit_bias": -10.0, "init_logit_scale": math.log(10)},
+                     objectives=[{"name": "siglip"}], train={"max_steps": 3})
+    trainer = Trainer(exp, tmp_path)
+    record = trainer.train()
+    assert math.isfinite(record["loss"]) and "logit_bias" in record

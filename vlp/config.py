@@ -1,0 +1,256 @@
+"""Typed experiment configs: one YAML file = one complete experiment.
+
+``load_experiment(path, overrides, smoke)`` reads the file, applies its ``smoke:`` section when asked (a few
+steps on tiny data, so the test suite can run every shipped config on a CPU), then ``--set a.b=c`` overrides
+(values parsed as YAML), and builds the dataclasses below. Unknown keys and wrongly typed values are errors
+that name the file and the dotted key. ``to_yaml`` gives the resolved config that is saved in the run folder.
+Each component receives only its own section.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SourceConfig:
+    shards: str  # a shard spec (brace expansion, '::' joins, pipe:, fsspec URLs) or "builtin:digits"
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    batch_size: int = 256  # per rank and per micro-step
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    resampled: bool = False
+    samples_per_epoch: Optional[int] = None  # resampled or mixed sources only
+    caption: str = "first"  # "random": one of json["captions"] per step
+    scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range, as open_clip's default
+    draft: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "vlp-tiny-32"  # any open_clip config, or vlp's own (vlp/models/configs)
+    pretrained: Optional[str] = None  # an open_clip tag or a local weights file
+    init_logit_scale: Optional[float] = None  # log-space; open_clip's default is log(1/0.07)
+    init_logit_bias: Optional[float] = None  # SigLIP: -10
+    logit_scale_max: float = 100.0
+    grad_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "clip"
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ParamRule:
+    pattern: str  # regular expression, full match on the parameter name
+    lr_scale: Optional[float] = None
+    weight_decay: Optional[float] = None
+    freeze: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    clip_grad: Optional[float] = None
+    # Applied in order, later rules override earlier ones. The default keeps weight decay off biases, norms,
+    # the logit scale and bias and the positional/class embeddings, as open_clip does.
+    rules: list[ParamRule] = field(default_factory=lambda: [
+        ParamRule(r".*(bias|ln_.*|norm.*|logit_scale|logit_bias|positional_embedding|class_embedding).*",
+                  weight_decay=0.0)])
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"  # cosine | constant
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    accum_steps: int = 1  # micro-batches per step; the contrastive batch spans all of them
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    log_every: int = 10
+    checkpoint_every: Optional[int] = None  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
+    fsdp: bool = False
+    local_loss: bool = False
+
+
+@dataclass
+class EvalConfig:
+    suite: Optional[str] = None  # a suite name (eval/suites) or file
+    every: Optional[int] = None  # steps; the suite always runs at the end when set
+    batch_size: int = 256
+
+
+@dataclass
+class Experiment:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: list[ObjectiveConfig] = field(default_factory=lambda: [ObjectiveConfig()])
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str = "runs"  # the run folder is <out>/<name>
+
+
+# -- building dataclasses from plain data ---------------------------------------------------------------------
+def _build(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _build(args[0], value, key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'config'}: expected a mapping, got {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"{_join(key, unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
+        kwargs = {k: _build(hints[k], v, _join(key, k)) for k, v in value.items()}
+        missing = [f.name for f in dataclasses.fields(tp) if f.name not in kwargs
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{_join(key, missing[0])}: required key is missing")
+        return tp(**kwargs)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            if origin is list and dataclasses.is_dataclass(typing.get_args(tp)[0]) and isinstance(value, dict):
+                value = [value]
+            else:
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_build(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return [_build(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parents[:i + 1])} is not a section")
+        node = nxt
+    node[leaf] = value
+
+
+def experiment_from_dict(data: dict, overrides: list[str] = (), smoke: bool = False,
+                         origin: str = "config") -> Experiment:
+    data = copy.deepcopy(data)
+    smoke_section = data.pop("smoke", None)
+    if smoke:
+        if not smoke_section:
+            raise ConfigError(f"{origin}: no 'smoke' section, so it cannot run in smoke mode")
+        for dotted, value in _flatten(smoke_section):
+            _set_dotted(data, dotted, value)
+    for item in overrides:
+        dotted, eq, raw = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        _set_dotted(data, dotted.strip(), yaml.safe_load(raw))
+    try:
+        return _build(Experiment, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{origin}: {e}") from None
+
+
+def _flatten(section: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Smoke sections may be nested or use dotted keys; lists and leaf values replace what they point at."""
+    items = []
+    for k, v in section.items():
+        key = _join(prefix, k)
+        if isinstance(v, dict) and k not in ("options",):
+            items.extend(_flatten(v, key))
+        else:
+            items.append((key, v))
+    return items
+
+
+def load_experiment(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> Experiment:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data.setdefault("name", path.stem)
+    return experiment_from_dict(data, overrides, smoke, origin=str(path))
+
+
+def to_yaml(exp: Experiment) -> str:
+    def plain(x):
+        if isinstance(x, tuple):
+            return [plain(v) for v in x]
+        if isinstance(x, list):
+            return [plain(v) for v in x]
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return x
+
+    return yaml.safe_dump(plain(dataclasses.asdict(exp)), sort_keys=False)

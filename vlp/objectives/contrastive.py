@@ -1,0 +1,38 @@
+"""CLIP (InfoNCE, Radford et al. 2021) and SigLIP (sigmoid, Zhai et al. 2023) on open_clip's reference losses.
+
+Across ranks, features are gathered WITH gradients (``torch.distributed.nn.all_gather``), so N processes with
+per-rank batch B compute the loss and, after DDP's gradient averaging, the gradient of one process with batch
+N*B. (open_clip's default, gathering without gradients, gives 1/N of that gradient.) ``local_loss`` computes
+only this rank's rows of the logit matrix (memory O(B*N*B) instead of O((N*B)^2)); the gradient is the same.
+"""
+from __future__ import annotations
+
+import torch
+from open_clip.loss import ClipLoss, SigLipLoss
+
+from vlp.objectives import Objective, register
+
+
+@register("clip")
+class ClipObjective(Objective):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False):
+        super().__init__()
+        self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=True, cache_labels=True, rank=rank,
+                             world_size=world_size)
+
+    def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        return loss, {"logit_scale": out["logit_scale"].detach()}
+
+
+@register("siglip")
+class SigLipObjective(Objective):
+    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False):
+        super().__init__()
+        self.loss = SigLipLoss(rank=rank, world_size=world_size)
+
+    def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        if out.get("logit_bias") is None:
+            raise ValueError("objectives.siglip needs a model with a logit bias: set model.init_logit_bias (e.g. -10)")
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+        return loss, {"logit_scale": out["logit_scale"].detach(), "logit_bias": out["logit_bias"].detach()}

@@ -1,0 +1,77 @@
+"""Checkpoints: written atomically, the newest K kept, loaded without running pickled code.
+
+``<run>/checkpoints/step-000100/`` holds ``model.safetensors`` (a plain open_clip state dict: it loads in
+``open_clip.create_model_and_transforms(name, pretrained=path)``), ``training.pt`` (optimizer, scaler, step,
+epoch, RNG states and every rank's data position; read with ``weights_only=True``) and ``config.yaml``. The
+folder is written as ``.step-000100.partial`` and renamed when complete; ``latest`` (a one-line file, replaced
+atomically) names the newest complete checkpoint. A write killed half-way never replaces a good checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in np.random.get_state()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(a.numpy() if isinstance(a, torch.Tensor) else a for a in state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(run_dir: Path, step: int, model_state: dict, training_state: dict, config_yaml: str, keep: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:07d}"
+    final, partial = root / name, root / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, partial / "model.safetensors")
+    torch.save(training_state, partial / "training.pt")
+    (partial / "config.yaml").write_text(config_yaml)
+    for f in partial.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    tmp = root / f".{LATEST}.partial"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+    return final
+
+
+def latest(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.exists():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "training.pt").exists() else None
+
+
+def load(path: Path) -> tuple[dict, dict]:
+    """(model state dict, training state) of a checkpoint folder."""
+    path = Path(path)
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"{path} is not a vlp checkpoint (no model.safetensors)")
+    return load_file(path / "model.safetensors"), torch.load(path / "training.pt", weights_only=True)

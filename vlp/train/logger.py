@@ -1,0 +1,81 @@
+"""Run logging: a console line per interval (samples/s, ETA), ``log.jsonl``, tensorboard, a loss plot."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int | None, start_step: int = 0):
+        self.run_dir, self.enabled, self.total_steps = Path(run_dir), enabled, total_steps
+        self.last_time, self.last_step, self.samples = time.time(), start_step, 0
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def count(self, samples: int) -> None:
+        self.samples += samples
+
+    def log(self, step: int, record: dict) -> None:
+        now = time.time()
+        rate = self.samples / max(now - self.last_time, 1e-9)
+        steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        eta = (self.total_steps - step) / steps_per_s if self.total_steps and steps_per_s > 0 else None
+        self.last_time, self.last_step, self.samples = now, step, 0
+        record = {"step": step, **record, "samples_per_s": round(rate, 1), "time": round(now, 2)}
+        if not self.enabled:
+            return
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("step", "time"):
+                self.tb.add_scalar(k, v, step)
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    if isinstance(vv, (int, float)):
+                        self.tb.add_scalar(f"{k}/{kk}", vv, step)
+        total = f"/{self.total_steps}" if self.total_steps else ""
+        eta_s = f" eta {_duration(eta)}" if eta is not None else ""
+        skipped = f" skipped {record['skipped']}" if record.get("skipped") else ""
+        print(f"step {step}{total} epoch {record.get('epoch')} loss {record.get('loss', float('nan')):.4f} "
+              f"lr {record.get('lr', 0):.2e} {rate:,.0f} samples/s{eta_s}{skipped}", flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """``plots/loss.png`` from ``log.jsonl``."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "loss" in r]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    out = Path(run_dir) / "plots" / "loss.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,350 @@
+"""The training loop. Builders set everything up; ``Trainer.train`` reads top to bottom.
+
+Semantics worth knowing:
+- the contrastive batch of one step spans every rank and every accumulation micro-batch: features of the
+  other micro-batches are computed once without gradients and the loss of micro-batch j is taken against all of
+  them (the trick of open_clip's ``accum_freq``), so K micro-batches of B train exactly as one batch of K*B;
+- ranks leave an epoch together (a one-number all-reduce per step), so none ever waits on a rank without data;
+- a step whose loss is not finite stops the run before the optimizer moves (the last checkpoint stays good);
+- SIGTERM finishes the current step, writes a checkpoint and exits with status 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+import vlp.models  # noqa: F401 - registers vlp's model configs
+from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
+from vlp.data import Loader, ShardStream, Source, StreamOptions
+from vlp.data.preprocess import ImageOptions
+from vlp.data.stream import split_range
+from vlp.objectives import build_objective
+from vlp.train import checkpoint
+from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
+from vlp.train.logger import RunLogger, plot_loss
+from vlp.train.optim import build_optimizer, lr_factor, set_lr
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+    kwargs = {}
+    if cfg.init_logit_scale is not None:
+        kwargs["init_logit_scale"] = cfg.init_logit_scale
+    if cfg.init_logit_bias is not None:
+        kwargs["init_logit_bias"] = cfg.init_logit_bias
+    if open_clip.get_model_config(cfg.name) is None:
+        raise KeyError(f"model.name: unknown model config {cfg.name!r} (vlp-tiny-32, vlp-tiny-64 or one of "
+                       "open_clip.list_models())")
+    model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **kwargs)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.to(device)
+
+
+def resolve_shards(spec: str) -> str:
+    if spec.startswith("builtin:"):
+        from vlp.demo import builtin_shards
+
+        return str(builtin_shards(spec.split(":", 1)[1]))
+    return spec
+
+
+def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistInfo, seed: int) -> Loader:
+    pp = open_clip.get_model_preprocess_cfg(model)
+    image = ImageOptions(size=pp["size"][0], train=True, scale=cfg.scale, draft=cfg.draft, mean=pp["mean"],
+                         std=pp["std"])
+    opts = StreamOptions(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
+                         resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
+                         drop_last=dist.distributed, caption=cfg.caption, image=image)
+    if not cfg.train:
+        raise ValueError("data.train: no training source given")
+    sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
+    stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
+    return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
+
+
+def batches_per_epoch(loader: Loader, dist: DistInfo) -> int | None:
+    """Batches this rank's loader yields in one epoch if no sample is bad (exact split arithmetic)."""
+    total, opts = loader.stream.num_samples, loader.stream.opts
+    if total is None:
+        return None
+    workers = max(loader.workers, 1)
+    lo, hi = split_range(total, dist.rank, dist.world_size)
+    count = 0
+    for w in range(workers):
+        a, b = split_range(hi - lo, w, workers)
+        count += (b - a) // opts.batch_size if opts.drop_last else -(-(b - a) // opts.batch_size)
+    return count
+
+
+def _merge_batches(batches: list[dict]) -> dict:
+    merged = {}
+    for key, value in batches[0].items():
+        if isinstance(value, torch.Tensor):
+            merged[key] = torch.cat([b[key] for b in batches])
+        elif isinstance(value, list):
+            merged[key] = [x for b in batches for x in b[key]]
+    return merged
+
+
+class Trainer:
+    def __init__(self, exp: Experiment, run_dir: str | Path | None = None):
+        self.exp = exp
+        self.dist = setup(exp.train.device)
+        self.device = self.dist.device
+        self.run_dir = Path(run_dir) if run_dir else Path(exp.out) / exp.name
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(exp))
+        self._seed(exp.train.seed)
+
+        model = build_model(exp.model, self.device)
+        self.optimizer = build_optimizer(model, exp.optim)  # before wrapping: it may freeze parameters
+        self.raw_model = model
+        self.model = self._wrap(model)
+        self.objectives = [(o.weight, o.name, build_objective(o.name, o.options, self.dist.rank,
+                                                              self.dist.world_size, local_loss=exp.train.local_loss))
+                           for o in exp.objectives]
+        self.loader = build_loader(exp.data, model, open_clip.get_tokenizer(exp.model.name), self.dist,
+                                   exp.train.seed)
+        per_epoch = batches_per_epoch(self.loader, self.dist)
+        self.steps_per_epoch = per_epoch // exp.train.accum_steps if per_epoch is not None else None
+        if exp.train.max_steps is None and not self.steps_per_epoch:
+            raise ValueError("train.max_steps is needed: the epoch length is unknown or shorter than one step")
+        self.total_steps = exp.train.max_steps or exp.train.epochs * self.steps_per_epoch
+        if exp.train.max_steps and self.steps_per_epoch:
+            self.total_steps = min(self.total_steps, exp.train.epochs * self.steps_per_epoch)
+        self.autocast = self._autocast(exp.train.precision)
+        self.scaler = torch.amp.GradScaler(enabled=exp.train.precision == "fp16" and self.device.type == "cuda")
+        self.step, self.epoch = 0, 0
+        self._stop = False
+        self.last_record: dict = {}
+        self._resume()
+        self.logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.step)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            while not self._finished():
+                self.loader.set_epoch(self.epoch)
+                if self._run_epoch():
+                    self.epoch += 1
+            if self._stop:
+                print(f"SIGTERM: checkpoint at step {self.step} written, exiting", flush=True)
+                return self.last_record
+            self.save()
+            if self.exp.eval.suite and not self._due(self.exp.eval.every):
+                self.evaluate()
+            if self.dist.is_main:
+                plot_loss(self.run_dir)
+            return self.last_record
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+
+    def _run_epoch(self) -> bool:
+        """Steps until the epoch's data runs out (True) or the run is finished or stopped (False)."""
+        batches = iter(self.loader)
+        while not self._finished():
+            micro = list(itertools.islice(batches, self.exp.train.accum_steps))
+            if not all_have_data(len(micro) == self.exp.train.accum_steps, self.dist):
+                batches.close()
+                return True
+            self.last_record = self.train_step(micro)
+            self.step += 1
+            self.logger.count(sum(len(b["uid"]) for b in micro) * self.dist.world_size)
+            if self.step % self.exp.train.log_every == 0 or self.step == self.total_steps:
+                self.logger.log(self.step, {"epoch": self.epoch, **self.last_record,
+                                            "skipped": dict(self.loader.skipped)})
+            if self._due(self.exp.train.checkpoint_every) or self._stop:
+                self.save()
+            if self._due(self.exp.eval.every):
+                self.evaluate()
+        return False
+
+    def _finished(self) -> bool:
+        return self.step >= self.total_steps or self._stop
+
+    def train_step(self, micro: list[dict]) -> dict:
+        self.model.train()
+        lr = set_lr(self.optimizer, self.exp.optim.lr, lr_factor(self.step, self.total_steps, self.exp.schedule))
+        inputs = [(b["image"].to(self.device, non_blocking=True), b["text"].to(self.device, non_blocking=True))
+                  for b in micro]
+        if len(micro) == 1:
+            with self.autocast:
+                loss, metrics = self._loss(self.model(*inputs[0]), micro[0])
+            self._check_finite(loss)
+            self.scaler.scale(loss).backward()
+        else:
+            with torch.no_grad(), self.autocast:
+                cached = [self.model(*x) for x in inputs]
+            merged_batch = _merge_batches(micro)
+            losses = []
+            for j, x in enumerate(inputs):
+                with self._no_sync(j < len(inputs) - 1), self.autocast:
+                    out = self.model(*x)
+                    merged = dict(out)
+                    for key in ("image_features", "text_features"):
+                        merged[key] = torch.cat([out[key] if i == j else c[key] for i, c in enumerate(cached)])
+                    if j < len(inputs) - 1:  # the loss depends on these once, not once per micro-batch
+                        for key in ("logit_scale", "logit_bias"):
+                            if merged.get(key) is not None:
+                                merged[key] = merged[key].detach()
+                    loss, metrics = self._loss(merged, merged_batch)
+                self._check_finite(loss)
+                self.scaler.scale(loss).backward()  # each backward adds the gradient through micro-batch j
+                losses.append(loss.detach())
+            loss = losses[-1]
+        if self.exp.optim.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.exp.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            self.raw_model.logit_scale.clamp_(0, math.log(self.exp.model.logit_scale_max))
+        return {"loss": self._global_loss, "lr": lr, **{k: float(v) for k, v in metrics.items()}}
+
+    # -- pieces --------------------------------------------------------------------------------------------
+    def _loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        total, metrics = 0.0, {}
+        for weight, name, objective in self.objectives:
+            loss, extra = objective(out, batch)
+            total = total + weight * loss
+            metrics[f"loss_{name}"] = loss.detach()
+            metrics.update(extra)
+        return total, metrics
+
+    def _check_finite(self, loss: torch.Tensor) -> None:
+        # One all-reduce carries the loss (for logging) and the SIGTERM flag, so every rank agrees on both.
+        packed = torch.stack([loss.detach().float(), torch.tensor(float(self._stop), device=loss.device)])
+        if self.dist.distributed:
+            torch.distributed.all_reduce(packed)
+            packed[0] /= self.dist.world_size
+        self._global_loss, self._stop = packed[0].item(), bool(packed[1].item())
+        if not math.isfinite(self._global_loss):
+            last = checkpoint.latest(self.run_dir)
+            raise TrainingDiverged(f"loss became {self._global_loss} at step {self.step + 1} (epoch {self.epoch}); "
+                                   f"the optimizer did not step. Last good checkpoint: {last or 'none'}")
+
+    def _due(self, every: int | None) -> bool:
+        return bool(every) and self.step % every == 0
+
+    def _no_sync(self, skip: bool):
+        if skip and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _autocast(self, precision: str):
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        if precision not in ("bf16", "fp16"):
+            raise ValueError(f"train.precision: unknown precision {precision!r} (fp32, bf16, fp16)")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.exp.train.fsdp:
+            if not self.dist.distributed:
+                raise ValueError("train.fsdp needs several processes (torchrun --nproc_per_node N)")
+            from torch.distributed.fsdp import fully_shard
+
+            for tower in (model.visual.transformer, model.transformer):
+                for block in tower.resblocks:
+                    fully_shard(block)
+            fully_shard(model)
+        elif self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if self.exp.model.compile:
+            model = torch.compile(model)
+        return model
+
+    def _seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop = True
+
+    # -- checkpoints and evaluation ------------------------------------------------------------------------
+    def save(self) -> None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(self.raw_model, options=options)
+        optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
+        data_states = [self.loader.state_dict()]
+        if self.dist.distributed:
+            data_states = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(data_states, self.loader.state_dict())
+        if self.dist.is_main:
+            state = {"step": self.step, "epoch": self.epoch, "optimizer": optim_state,
+                     "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
+                     "data": json.dumps(data_states), "world_size": self.dist.world_size}
+            checkpoint.save(self.run_dir, self.step, model_state, state, to_yaml(self.exp),
+                            self.exp.train.keep_checkpoints)
+        barrier(self.dist)
+
+    def _resume(self) -> None:
+        mode = self.exp.train.resume
+        if mode == "never":
+            return
+        path = checkpoint.latest(self.run_dir) if mode == "auto" else Path(mode)
+        if path is None:
+            return
+        model_state, state = checkpoint.load(path)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(self.raw_model, model_state, options=options)
+        set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=options)
+        self.scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        data_states = json.loads(state["data"])
+        if len(data_states) == self.dist.world_size:
+            self.loader.load_state_dict(data_states[self.dist.rank])
+        else:  # another world size: the data position cannot carry over, restart the epoch
+            log.warning("resuming with %d ranks from a checkpoint of %d: the epoch restarts",
+                        self.dist.world_size, len(data_states))
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        if self.dist.is_main:
+            print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
+
+    def evaluate(self) -> dict | None:
+        if not self.dist.is_main or not self.exp.eval.suite:
+            barrier(self.dist)
+            return None
+        from vlp.eval.suite import run_suite_for_training
+
+        self.model.eval()
+        results = run_suite_for_training(self.raw_model, self.exp.model.name, self.exp.eval.suite,
+                                         self.run_dir / "eval" / f"step-{self.step:07d}",
+                                         batch_size=self.exp.eval.batch_size, device=self.device)
+        self.logger.log(self.step, {"epoch": self.epoch, "eval": results})
+        barrier(self.dist)
+        return results
+
+
+def train(exp: Experiment, run_dir: str | Path | None = None) -> dict:
+    start = time.time()
+    trainer = Trainer(exp, run_dir)
+    record = trainer.train()
+    record["seconds"] = round(time.time() - start, 1)
+    return record
