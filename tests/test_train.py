@@ -149,3 +149,28 @@ def test_siglip_objective_trains(shards, tmp_path):
     trainer = Trainer(exp, tmp_path)
     record = trainer.train()
     assert math.isfinite(record["loss"]) and "logit_bias" in record
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, tmp_path):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    config = tmp_path / "exp.yaml"
+    config.write_text(json.dumps({"name": "term", "model": {"name": "vlp-tiny-32"},
+                                  "data": {"train": [{"shards": str(shards)}], "batch_size": 4, "workers": 0},
+                                  "train": {"epochs": 1000, "log_every": 1}}))
+    proc = subprocess.Popen([sys.executable, "-m", "vlp", "train", str(config), "--run-dir", str(tmp_path / "run")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "SIGTERM: checkpoint at step" in out
+    step = checkpoint.load(checkpoint.latest(tmp_path / "run"))[1]["step"]
+    assert step >= 2 and f"step-{step:07d}" == checkpoint.latest(tmp_path / "run").name
