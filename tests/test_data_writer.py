@@ -158,7 +158,7 @@ def test_table_lists_put_extra_columns_into_json(tmp_path, fmt):
     assert [(m["label"], m.get("url")) for m in metas] == [(3, "http://x/a"), (5, None)]
     assert manifest["skipped"] == {"empty_caption": 1}
     assert manifest["skipped_items"][0]["where"].endswith(("line 3", "row 2"))
-    with pytest.raises(KeyError, match="no column 'text'"):
+    with pytest.raises(ValueError, match="no column 'text'"):
         list(sources.table(tmp_path / f"list.{fmt}", caption_column="text"))
 
 

@@ -34,18 +34,19 @@ def first_step(exp, run_dir) -> tuple[float, dict]:
     grads = {}
 
     def capture(closure=None):
-        if not grads:
-            grads.update({n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()})
+        if not grads:  # FSDP gradients are sharded DTensors: compare the whole tensors
+            grads.update({n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                          for n, p in trainer.raw_model.named_parameters()})
 
     trainer.optimizer.step = capture
     trainer.train()
     return trainer.last_record["loss"], grads
 
 
-def _rank(rank: int, world: int, port: int, shards: str, out: str, objective: str) -> None:
+def _rank(rank: int, world: int, port: int, shards: str, out: str, objective: str, fsdp: bool) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    exp = experiment(shards, BATCH)
+    exp = experiment(shards, BATCH, fsdp=fsdp)
     exp.objectives[0].name = objective
     exp.model.init_logit_bias = -10.0 if objective == "siglip" else None
     loss, grads = first_step(exp, f"{out}/run")
@@ -59,11 +60,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("objective", ["clip", "siglip"])
-def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, objective):
+@pytest.mark.parametrize("objective, fsdp", [("clip", False), ("siglip", False), ("clip", True)],
+                         ids=["clip-ddp", "siglip-ddp", "clip-fsdp"])
+def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, objective, fsdp):
     shards = tmp_path / "shards"
     make_shard_set(shards, [2 * BATCH])  # rank r reads samples [r*B, (r+1)*B): together the single batch
-    mp.spawn(_rank, args=(2, free_port(), str(shards), str(tmp_path), objective), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(shards), str(tmp_path), objective, fsdp), nprocs=2, join=True)
 
     exp = experiment(shards, 2 * BATCH)
     exp.objectives[0].name = objective

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_demo(args.out, quick=args.quick)
         return importlib.import_module(f"vlp.{args.verb}.cli").run(args)
-    except (FileNotFoundError, FileExistsError, KeyError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"vlp {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

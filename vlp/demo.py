@@ -58,7 +58,7 @@ def builtin_data(name: str) -> Path:
     """A dataset vlp can make from an installed package, built once into the cache (``VLP_CACHE``):
     ``<root>/shards`` (train split, caption shards) and ``<root>/raw/test/<class>/`` (held-out image folder)."""
     if name != "digits":
-        raise KeyError(f"unknown builtin dataset {name!r} (known: digits)")
+        raise ValueError(f"unknown builtin dataset {name!r} (known: digits)")
     root = cache_dir() / "builtin" / name
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:

@@ -180,7 +180,7 @@ def table(
         where = "line"
     for column in (image_column, caption_column):
         if column not in columns:
-            raise KeyError(f"{path}: no column {column!r} (columns: {sorted(columns)})")
+            raise ValueError(f"{path}: no column {column!r} (columns: {sorted(columns)})")
     for n, row in numbered:
         image, caption = row[image_column], row[caption_column]
         if image is None or not str(image).strip():

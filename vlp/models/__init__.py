@@ -17,7 +17,7 @@ def model_image_size(name: str) -> int:
     """Input resolution of an open_clip (or vlp) model config, without building the model."""
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise KeyError(f"unknown model config {name!r}; known: vlp-tiny-32, vlp-tiny-64 and open_clip.list_models()")
+        raise ValueError(f"unknown model config {name!r}; known: vlp-tiny-32, vlp-tiny-64 and open_clip.list_models()")
     size = cfg["vision_cfg"]["image_size"]
     return size if isinstance(size, int) else size[0]
 

@@ -30,7 +30,7 @@ class Objective(nn.Module):
 
 def build_objective(name: str, options: dict, rank: int = 0, world_size: int = 1, **common) -> Objective:
     if name not in OBJECTIVES:
-        raise KeyError(f"objectives: unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
+        raise ValueError(f"objectives: unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
     try:
         return OBJECTIVES[name](rank=rank, world_size=world_size, **common, **options)
     except TypeError as e:

@@ -36,7 +36,7 @@ from vlp.objectives import build_objective
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
 from vlp.train.logger import RunLogger, plot_loss
-from vlp.train.optim import build_optimizer, lr_factor, set_lr
+from vlp.train.optim import build_optimizer, freeze_parameters, lr_factor, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     if cfg.init_logit_bias is not None:
         kwargs["init_logit_bias"] = cfg.init_logit_bias
     if open_clip.get_model_config(cfg.name) is None:
-        raise KeyError(f"model.name: unknown model config {cfg.name!r} (vlp-tiny-32, vlp-tiny-64 or one of "
+        raise ValueError(f"model.name: unknown model config {cfg.name!r} (vlp-tiny-32, vlp-tiny-64 or one of "
                        "open_clip.list_models())")
     model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **kwargs)
     if cfg.grad_checkpointing:
@@ -118,9 +118,11 @@ class Trainer:
         self._seed(exp.train.seed)
 
         model = build_model(exp.model, self.device)
-        self.optimizer = build_optimizer(model, exp.optim)  # before wrapping: it may freeze parameters
+        freeze_parameters(model, exp.optim)
         self.raw_model = model
+        self.replicated: set[torch.nn.Parameter] = set()  # parameters outside FSDP's sharding
         self.model = self._wrap(model)
+        self.optimizer = build_optimizer(model, exp.optim)
         self.objectives = [(o.weight, o.name, build_objective(o.name, o.options, self.dist.rank,
                                                               self.dist.world_size, local_loss=exp.train.local_loss))
                            for o in exp.objectives]
@@ -215,6 +217,7 @@ class Trainer:
                 self.scaler.scale(loss).backward()  # each backward adds the gradient through micro-batch j
                 losses.append(loss.detach())
             loss = losses[-1]
+        self._sync_replicated_grads()
         if self.exp.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.exp.optim.clip_grad)
@@ -247,6 +250,12 @@ class Trainer:
             raise TrainingDiverged(f"loss became {self._global_loss} at step {self.step + 1} (epoch {self.epoch}); "
                                    f"the optimizer did not step. Last good checkpoint: {last or 'none'}")
 
+    def _sync_replicated_grads(self) -> None:
+        for p in self.replicated:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.dist.world_size
+
     def _due(self, every: int | None) -> bool:
         return bool(every) and self.step % every == 0
 
@@ -271,7 +280,10 @@ class Trainer:
             for tower in (model.visual.transformer, model.transformer):
                 for block in tower.resblocks:
                     fully_shard(block)
-            fully_shard(model)
+            # FSDP2 cannot shard 0-d parameters (logit scale and bias): they stay replicated and their
+            # gradients are averaged by hand (_sync_replicated_grads).
+            self.replicated = {p for p in model.parameters() if p.dim() == 0}
+            fully_shard(model, ignored_params=self.replicated)
         elif self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)

@@ -9,37 +9,42 @@ import torch
 from vlp.config import OptimConfig, ScheduleConfig
 
 
-def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
-    """One group per distinct (lr_scale, weight_decay); frozen parameters get requires_grad=False.
+def _resolve(name: str, cfg: OptimConfig) -> tuple[float, float, bool]:
+    """(lr scale, weight decay, frozen) of a parameter: rules apply in order, later ones override earlier ones."""
+    lr_scale, wd, frozen = 1.0, cfg.weight_decay, False
+    for rule in cfg.rules:
+        if re.fullmatch(rule.pattern, name):
+            lr_scale = rule.lr_scale if rule.lr_scale is not None else lr_scale
+            wd = rule.weight_decay if rule.weight_decay is not None else wd
+            frozen = rule.freeze or frozen
+    return lr_scale, wd, frozen
 
-    Rules apply in order and later ones override earlier ones, e.g. ``{pattern: "visual\\..*", freeze: true}``
-    after the defaults freezes the image tower (LiT)."""
-    rules = [(re.compile(r.pattern), r) for r in cfg.rules]
+
+def freeze_parameters(model: torch.nn.Module, cfg: OptimConfig) -> None:
+    """Apply the ``freeze`` rules (e.g. ``{pattern: "visual\\..*", freeze: true}``: LiT). Call it before wrapping
+    the model in DDP/FSDP, which must know which parameters get gradients."""
+    for name, param in model.named_parameters():
+        if _resolve(name, cfg)[2]:
+            param.requires_grad_(False)
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """One group per distinct (lr_scale, weight_decay) over the parameters that train."""
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
-        lr_scale, wd, frozen = 1.0, cfg.weight_decay, False
-        for pattern, rule in rules:
-            if pattern.fullmatch(name):
-                lr_scale = rule.lr_scale if rule.lr_scale is not None else lr_scale
-                wd = rule.weight_decay if rule.weight_decay is not None else wd
-                frozen = rule.freeze or frozen
-        if frozen:
-            param.requires_grad_(False)
+        lr_scale, wd, frozen = _resolve(name, cfg)
+        if frozen or not param.requires_grad:
             continue
-        group = groups.setdefault((lr_scale, wd), {"params": [], "names": [], "lr_scale": lr_scale,
-                                                   "weight_decay": wd})
+        group = groups.setdefault((lr_scale, wd), {"params": [], "lr_scale": lr_scale, "weight_decay": wd})
         group["params"].append(param)
-        group["names"].append(name)
     if not groups:
         raise ValueError("optim.rules freeze every parameter: nothing left to train")
     return list(groups.values())
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
-    for g in groups:
-        g.pop("names")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over ``param_groups``. Build it after FSDP wrapping, which replaces the parameters."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:

@@ -1,0 +1,335 @@
+"""Evaluation datasets: one reader per on-disk format, chosen by ``format`` in a suite file.
+
+| format | layout | kind |
+|---|---|---|
+| ``wds`` | CLIP_benchmark's webdataset layout (see :mod:`vlp.eval.wds_layout`) | classification or retrieval (``dataset_type.txt``) |
+| ``folder`` | torchvision ImageFolder: ``<path>[/<split>]/<class>/<image>`` | classification |
+| ``captions`` | image folder + caption file in Flickr8k's layout (+ split file) | retrieval |
+| ``shards`` | vlp shards (:func:`vlp.data.write_shards`): captions, or labels with ``kind: classification`` | either |
+| ``identity`` | ``<path>/{query,gallery}/<person>/<image>`` (+ optional query captions) | identity |
+
+Every reader's ``check()`` validates what can be validated without a model (paths, class names against labels,
+templates) and raises :class:`DatasetError` naming the file; the suite calls it for every dataset before any
+model is built.
+"""
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from vlp.data.shards import ShardSpecError, expand
+from vlp.data.sources import Item, caption_file, identity_folders, labelled_folder
+from vlp.eval import prompts, wds_layout
+from vlp.eval.images import FileImages, ImageSet, ShardImages, merge_by_image
+
+FORMATS: dict[str, type["EvalDataset"]] = {}
+
+PATH = {"path": True}  # field metadata: resolved against the suite's data_root
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def register_format(name: str):
+    def wrap(cls):
+        cls.format = name
+        FORMATS[name] = cls
+        return cls
+    return wrap
+
+
+class EvalDataset(ABC):
+    format: ClassVar[str]
+    Options: ClassVar[type]
+    kind: str  # "classification" | "retrieval" | "identity"
+
+    def __init__(self, name: str, options, where: str, base: Path):
+        self.name, self.options, self.where, self.base = name, options, where, base
+        self.classnames: list[str] | None = None
+        self.templates: list[str] | None = None
+        self.prompt_sources: dict[str, str] = {}
+
+    @abstractmethod
+    def check(self) -> None: ...
+
+    @abstractmethod
+    def image_set(self, split: str | None = None) -> ImageSet: ...
+
+    def describe(self) -> dict:
+        return {"name": self.name, "format": self.format, "kind": self.kind,
+                **{k: v for k, v in vars(self.options).items() if v is not None and k not in ("classnames", "templates")}}
+
+    # -- shared checks ---------------------------------------------------------------------------------
+    def _fail(self, message: str) -> DatasetError:
+        return DatasetError(f"{self.where}: {message}")
+
+    def _exists(self, path: Path, what: str = "path") -> Path:
+        if not path.exists():
+            raise self._fail(f"{what} {path} does not exist")
+        return path
+
+    def _prompts(self, default_names: tuple[list[str], str] | None,
+                 default_templates: tuple[list[str], str] | None) -> None:
+        """Class names and templates: the suite's value, else the layout's, else (templates only) the registry
+        entry named like the dataset."""
+        try:
+            names = prompts.resolve(self.options.classnames, "classnames", self.base, f"{self.where}.classnames")
+            templates = prompts.resolve(self.options.templates, "templates", self.base, f"{self.where}.templates")
+            if templates is None and default_templates is None and self.name in prompts.registry_names():
+                found = prompts.registry_list(self.name, "templates")
+                templates = (found, f"eval/prompts/{self.name}.yaml") if found else None
+        except prompts.PromptError as e:
+            raise DatasetError(str(e)) from e
+        names = names or default_names
+        templates = templates or default_templates
+        if names:
+            self.classnames, self.prompt_sources["classnames"] = names
+        if templates:
+            try:
+                prompts.check_templates(*templates)
+            except prompts.PromptError as e:
+                raise DatasetError(str(e)) from e
+            self.templates, self.prompt_sources["templates"] = templates
+
+    def _check_labels(self, labels: list[int], where: str) -> None:
+        if not labels:
+            raise self._fail(f"{where} holds no labelled sample")
+        source = self.prompt_sources.get("classnames", "class names")
+        if self.classnames is None:
+            raise self._fail(f"no class names: give classnames: in the suite, or provide {where}/../classnames.txt")
+        if min(labels) < 0 or max(labels) >= len(self.classnames):
+            raise self._fail(f"{source} has {len(self.classnames)} class names but the labels in {where} run from "
+                             f"{min(labels)} to {max(labels)}: the class-name file does not match the labels")
+
+
+@register_format("wds")
+class WdsDataset(EvalDataset):
+    kind = "classification"  # until check() has read dataset_type.txt
+    @dataclass
+    class Options:
+        path: str = field(metadata=PATH)
+        split: str = "test"
+        classnames: str | list[str] | None = None
+        templates: str | list[str] | None = None
+
+    def check(self) -> None:
+        root = self._exists(self.base / self.options.path, "dataset folder")
+        try:
+            shards = wds_layout.shard_paths(root, self.options.split)
+            self.kind = wds_layout.dataset_type(root)
+        except (FileNotFoundError, ValueError) as e:
+            raise self._fail(str(e)) from e
+        if self.kind == "classification":
+            side = [(root / f, f) for f in (wds_layout.CLASSNAMES, wds_layout.TEMPLATES)]
+            found = [(prompts.read_list_file(p), str(p)) if p.exists() else None for p, _ in side]
+            self._prompts(found[0], found[1])
+            labels = [label for shard in shards for label in wds_layout.scan_labels(shard)]
+            self._check_labels(labels, str(root / self.options.split))
+
+    def image_set(self, split: str | None = None) -> ImageSet:
+        root, split = self.base / self.options.path, split or self.options.split
+        try:
+            shards = wds_layout.shard_paths(root, split)
+        except (FileNotFoundError, ValueError) as e:
+            raise self._fail(str(e)) from e
+        spec = "::".join(str(p) for p in shards)
+        if self.kind == "retrieval":
+            def record(batch, i):
+                return {"key": batch["key"][i], "captions": batch["caption"][i].splitlines()}
+        else:
+            def record(batch, i):
+                return {"key": batch["key"][i], "label": int(batch["label"][i])}
+        return ShardImages(f"{self.name}/{split}", spec, record, extra={"kind_read": self.kind})
+
+
+@register_format("folder")
+class FolderDataset(EvalDataset):
+    kind = "classification"
+
+    @dataclass
+    class Options:
+        path: str = field(metadata=PATH)
+        split: str | None = None  # subfolder holding the class folders (e.g. test); linear probes add train
+        classnames: str | list[str] | None = None
+        templates: str | list[str] | None = None
+        max_per_class: int | None = None  # the first N images of each class (sorted by name): a fixed subset
+
+    def _root(self, split: str | None) -> Path:
+        root = self.base / self.options.path
+        return root / split if split else root
+
+    def _classes(self, root: Path) -> list[str]:
+        self._exists(root, "image folder")
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not classes:
+            raise self._fail(f"{root} holds no class folder (<root>/<class>/<image> expected)")
+        return classes
+
+    def check(self) -> None:
+        root = self._root(self.options.split)
+        classes = self._classes(root)
+        self._prompts((classes, f"the folder names in {root}"), None)
+        if len(self.classnames) != len(classes):
+            source = self.prompt_sources["classnames"]
+            raise self._fail(f"{source} has {len(self.classnames)} class names but {root} has {len(classes)} "
+                             "class folders: the class-name file does not match the labels")
+
+    def image_set(self, split: str | None = None) -> ImageSet:
+        root = self._root(split or self.options.split)
+        if self._classes(root) != self._classes(self._root(self.options.split)):
+            raise self._fail(f"{root} and {self._root(self.options.split)} have different class folders")
+        paths, records, taken = [], [], {}
+        for item in labelled_folder(root, source=self.name):
+            label = item.meta["label"]
+            if self.options.max_per_class is not None and taken.get(label, 0) >= self.options.max_per_class:
+                continue
+            taken[label] = taken.get(label, 0) + 1
+            paths.append(item.image)
+            records.append({"key": item.meta["image"], "label": label})
+        return FileImages(f"{self.name}/{split or self.options.split or ''}", paths, records,
+                          extra={"max_per_class": self.options.max_per_class})
+
+
+@register_format("captions")
+class CaptionDataset(EvalDataset):
+    kind = "retrieval"
+
+    @dataclass
+    class Options:
+        images: str = field(metadata=PATH)
+        captions: str = field(metadata=PATH)
+        split_file: str | None = field(default=None, metadata=PATH)  # image names of the split, one a line
+        limit: int | None = None  # the first N images of the split
+
+    def check(self) -> None:
+        self._exists(self.base / self.options.images, "image folder")
+        self._exists(self.base / self.options.captions, "caption file")
+        if self.options.split_file:
+            self._exists(self.base / self.options.split_file, "split file")
+
+    def image_set(self, split: str | None = None) -> ImageSet:
+        if split is not None:
+            raise self._fail("a caption-file dataset has one split (its split_file)")
+        o = self.options
+        items = caption_file(self.base / o.images, self.base / o.captions,
+                             self.base / o.split_file if o.split_file else None, source=self.name, per_caption=False)
+        paths, records = [], []
+        for item in items:
+            if not isinstance(item, Item):
+                raise self._fail(f"{item.where}: {item.reason}")
+            if o.limit is not None and len(paths) >= o.limit:
+                break
+            paths.append(item.image)
+            records.append({"key": item.meta["image"], "captions": item.meta["captions"]})
+        return FileImages(self.name, paths, records, extra={"limit": o.limit})
+
+
+@register_format("shards")
+class ShardDataset(EvalDataset):
+    kind = "retrieval"  # until check() has read the options
+    @dataclass
+    class Options:
+        path: str = field(metadata=PATH)  # a shard spec: folder, brace pattern, or several joined with ::
+        kind: str = "retrieval"  # or classification (samples carry cls / json label)
+        classnames: str | list[str] | None = None
+        templates: str | list[str] | None = None
+
+    def _spec(self) -> str:
+        parts = self.options.path.split("::")
+        return "::".join(p if Path(p).is_absolute() or "://" in p or p.startswith("pipe:") else str(self.base / p)
+                         for p in parts)
+
+    def check(self) -> None:
+        self.kind = self.options.kind
+        if self.kind not in ("retrieval", "classification"):
+            raise self._fail(f"kind must be retrieval or classification, got {self.kind!r}")
+        try:
+            shards = expand(self._spec())
+        except ShardSpecError as e:
+            raise self._fail(str(e)) from e
+        if self.kind == "classification":
+            self._prompts(None, None)
+            labels = [label for s in shards for label in wds_layout.scan_labels(Path(s.url))]
+            self._check_labels(labels, self.options.path)
+
+    def image_set(self, split: str | None = None) -> ImageSet:
+        if split is not None:
+            raise self._fail("a shard dataset has one split (its shard spec)")
+        if self.kind == "classification":
+            def record(batch, i):
+                return {"key": batch["key"][i], "label": int(batch["label"][i])}
+            return ShardImages(self.name, self._spec(), record)
+
+        def record(batch, i):
+            meta = batch["meta"][i]
+            return {"key": batch["key"][i], "image": meta.get("image"), "caption": batch["caption"][i],
+                    "all_captions": meta.get("captions")}
+        return ShardImages(self.name, self._spec(), record, finalize=merge_by_image)
+
+
+@register_format("identity")
+class IdentityDataset(EvalDataset):
+    kind = "identity"
+
+    @dataclass
+    class Options:
+        path: str = field(metadata=PATH)
+        query: str = "query"
+        gallery: str = "gallery"
+        camera: str | None = r"^(\d+)_"  # regex on the file name; group 1 is the camera (None: unknown)
+        captions: str | None = field(default=None, metadata=PATH)  # "<person>/<file>,<caption>" lines: text queries
+
+    def _listing(self, part: str) -> list[Item]:
+        root = self._exists(self.base / self.options.path / part, f"{part} folder")
+        try:
+            return [x for x in identity_folders(root, source=self.name) if isinstance(x, Item)]
+        except ValueError as e:
+            raise self._fail(str(e)) from e
+
+    def _camera(self, filename: str) -> str | None:
+        if self.options.camera is None:
+            return None
+        found = re.search(self.options.camera, filename)
+        if not found or not found.groups():
+            raise self._fail(f"camera pattern {self.options.camera!r} does not match the file name {filename!r}")
+        return found.group(1)
+
+    def check(self) -> None:
+        for part in (self.options.query, self.options.gallery):
+            for item in self._listing(part):
+                self._camera(Path(item.image).name)
+        if self.options.captions:
+            self.text_queries()
+
+    def text_queries(self) -> list[tuple[str, str]]:
+        """(person, caption) for every line of the captions file (Flickr8k's ``image,caption`` layout, the image
+        given as ``<person>/<file>``)."""
+        if not self.options.captions:
+            return []
+        path = self._exists(self.base / self.options.captions, "caption file")
+        queries = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip() or (lineno == 1 and line.replace(" ", "").lower().startswith("image,caption")):
+                continue
+            image, comma, caption = line.partition(",")
+            person = image.strip().split("/")[0]
+            if not comma or not caption.strip() or "/" not in image:
+                raise self._fail(f"{path}:{lineno}: expected '<person>/<file>,<caption>'")
+            queries.append((person, caption.strip()))
+        return queries
+
+    def image_set(self, split: str | None = None) -> ImageSet:
+        part = {"query": self.options.query, "gallery": self.options.gallery}.get(split or "")
+        if part is None:
+            raise self._fail(f"an identity dataset has the parts query and gallery, not {split!r}")
+        paths, records = [], []
+        for item in self._listing(part):
+            paths.append(item.image)
+            records.append({"key": item.meta["image"], "identity": item.meta["person"],
+                            "camera": self._camera(Path(item.image).name)})
+        return FileImages(f"{self.name}/{part}", paths, records, digest=True,
+                          extra={"camera": self.options.camera})

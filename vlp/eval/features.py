@@ -1,0 +1,148 @@
+"""Embeddings, computed once per (model, image set) and reused by every task of a suite and by later runs.
+
+The cache key hashes the model's identity (for open_clip models a hash of every weight tensor), the image set's
+fingerprint (files with sizes and modification times, subset options) and the preprocessing (input size,
+normalisation, decode mode): a different model, checkpoint, dataset or transform never reads stale features.
+Entries are written to a temporary name and renamed, so an interrupted run leaves no half entry behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vlp.eval.images import ImageSet, LoadOptions, batch_count
+from vlp.eval.models import EvalModel
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the stored layout or the meaning of a feature changes
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("VLP_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "vlp") / "eval"
+
+
+@dataclass
+class Embedded:
+    """An embedded image set, in key order: ``features[i]`` is the model's raw (unnormalised) embedding of the
+    image described by ``records[i]``."""
+    features: torch.Tensor
+    records: list[dict]
+    skipped: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    cached: bool = False
+
+    def column(self, name: str) -> list:
+        return [r.get(name) for r in self.records]
+
+
+@dataclass
+class FeatureOptions:
+    load: LoadOptions = field(default_factory=LoadOptions)
+    cache_dir: Path | None = None  # None: no disk cache (features still shared within a run)
+    progress: bool = True
+
+
+def _key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class FeatureStore:
+    def __init__(self, model: EvalModel, opts: FeatureOptions | None = None):
+        self.model = model
+        self.opts = opts or FeatureOptions()
+        self._memory: dict[str, object] = {}
+        self.computed: list[str] = []  # names of the image sets embedded by this store (not read from cache)
+
+    # -- images ----------------------------------------------------------------------------------------
+    def image_key(self, images: ImageSet) -> str:
+        return _key({"v": CACHE_VERSION, "model": self.model.identity, "images": images.fingerprint(),
+                     "preprocess": asdict(self.model.preprocess), "fast_decode": self.opts.load.fast_decode})
+
+    def images(self, images: ImageSet) -> Embedded:
+        key = self.image_key(images)
+        if key in self._memory:
+            return self._memory[key]
+        path = self.opts.cache_dir / "images" / f"{key}.npz" if self.opts.cache_dir else None
+        if path is not None and path.exists():
+            with np.load(path) as stored:
+                found = Embedded(torch.from_numpy(stored["features"]), json.loads(str(stored["records"])),
+                                 json.loads(str(stored["skipped"])), cached=True)
+            log.info("%s: %d cached embeddings from %s", images.name, len(found.records), path)
+        else:
+            found = self._embed(images)
+            if path is not None:
+                buffer = io.BytesIO()
+                np.savez(buffer, features=found.features.numpy(), records=np.array(json.dumps(found.records)),
+                         skipped=np.array(json.dumps(found.skipped)))
+                _atomic_write(path, buffer.getvalue())
+        self._memory[key] = found
+        return found
+
+    def _embed(self, images: ImageSet) -> Embedded:
+        start = time.time()
+        load = self.opts.load
+        features, records = [], []
+        bar = tqdm(images.batches(self.model.preprocess, load), total=batch_count(len(images), load.batch_size),
+                   desc=f"embed {images.name}", unit="batch", disable=not self.opts.progress)
+        with torch.no_grad():
+            for batch, batch_records in bar:
+                features.append(self.model.encode_image(batch).float())
+                records.extend(batch_records)
+        if not records:
+            raise ValueError(f"{images.name}: no image could be read")
+        order = sorted(range(len(records)), key=lambda i: records[i]["key"])
+        keys = [records[i]["key"] for i in order]
+        repeated = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
+        if repeated is not None:
+            raise ValueError(f"{images.name}: the key {repeated!r} names two samples; keys must be unique")
+        stacked = torch.cat(features)[order].contiguous()
+        stacked, ordered = images.finalize(stacked, [records[i] for i in order])
+        skipped = images.skipped()
+        if skipped:
+            log.warning("%s: skipped %s", images.name, skipped)
+        self.computed.append(images.name)
+        return Embedded(stacked, ordered, skipped, seconds=time.time() - start)
+
+    # -- texts -----------------------------------------------------------------------------------------
+    def texts(self, texts: list[str], desc: str = "texts") -> torch.Tensor:
+        """Raw embeddings of ``texts`` through the model's ``encode_text``, in order; cached like images."""
+        key = _key({"v": CACHE_VERSION, "model": self.model.identity, "texts": texts})
+        if key in self._memory:
+            return self._memory[key]
+        path = self.opts.cache_dir / "texts" / f"{key}.npy" if self.opts.cache_dir else None
+        if path is not None and path.exists():
+            found = torch.from_numpy(np.load(path))
+        else:
+            size = self.opts.load.batch_size
+            chunks = range(0, len(texts), size)
+            out = []
+            with torch.no_grad():
+                for start in tqdm(chunks, desc=f"embed {desc}", unit="batch",
+                                  disable=not self.opts.progress or len(chunks) < 2):
+                    out.append(self.model.encode_text(texts[start:start + size]).float())
+            found = torch.cat(out) if out else torch.zeros(0)
+            if path is not None:
+                buffer = io.BytesIO()
+                np.save(buffer, found.numpy())
+                _atomic_write(path, buffer.getvalue())
+        self._memory[key] = found
+        return found

@@ -1,0 +1,93 @@
+"""Person retrieval for identity-level models: text->image and image->image over a query/gallery split.
+
+Every gallery image of the query's identity is a positive; metrics are IRRA's (rank-k CMC, mAP, mINP; see
+:func:`vlp.eval.metrics.person_retrieval_metrics`). Image queries never see their own image: in sets where the
+query images are also in the gallery (the shared pedestrian set: 17 of 28) a query would otherwise find itself
+at rank 1. ``gallery_rule`` says what else is removed from an image query's gallery:
+- ``same_image``: only gallery images with the query's exact bytes (MD5 of the file);
+- ``same_camera``: every gallery image of the query's identity taken by the query's camera (Market-1501's rule,
+  Zheng et al. 2015), which includes the query's own image.
+Text queries (captions of query images, when the dataset has them) rank the full gallery: IRRA's protocol.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from vlp.eval.datasets import DatasetError
+from vlp.eval.features import Embedded, FeatureStore
+from vlp.eval.metrics import person_retrieval_metrics
+from vlp.eval.tasks import Evaluator, register_task
+
+RULES = {
+    "same_image": "image->image: the query's own image (same file bytes) removed from its gallery",
+    "same_camera": "image->image: gallery images of the query's identity from the query's camera removed "
+                   "(Market-1501)",
+}
+
+
+def ignore_mask(query: Embedded, gallery: Embedded, rule: str) -> torch.Tensor:
+    """(queries, gallery) bool: the gallery items each image query must not see."""
+    q_digest, g_digest = query.column("digest"), gallery.column("digest")
+    mask = torch.tensor([[a is not None and a == b for b in g_digest] for a in q_digest], dtype=torch.bool)
+    if rule == "same_camera":
+        q = list(zip(query.column("identity"), query.column("camera")))
+        g = list(zip(gallery.column("identity"), gallery.column("camera")))
+        mask |= torch.tensor([[a == b for b in g] for a in q], dtype=torch.bool)
+    return mask.view(len(q_digest), len(g_digest))
+
+
+@register_task("person_retrieval")
+class PersonRetrieval(Evaluator):
+    needs = ("identity",)
+
+    @dataclass
+    class Options:
+        ranks: list[int] = field(default_factory=lambda: [1, 5, 10])
+        gallery_rule: str = "same_image"
+        text: bool = True  # text->image when the dataset has query captions
+        image: bool = True  # image->image
+
+    def check(self) -> None:
+        super().check()
+        if self.options.gallery_rule not in RULES:
+            raise DatasetError(f"{self.where}: gallery_rule must be one of {sorted(RULES)}, "
+                               f"got {self.options.gallery_rule!r}")
+        if self.options.gallery_rule == "same_camera" and self.dataset.options.camera is None:
+            raise DatasetError(f"{self.where}: gallery_rule same_camera needs the dataset's camera pattern")
+        if not (self.options.image or (self.options.text and self.dataset.options.captions)):
+            raise DatasetError(f"{self.where}: nothing to evaluate (image: false, and no text queries)")
+
+    def run(self, store: FeatureStore) -> dict[str, float]:
+        gallery = store.images(self.dataset.image_set("gallery"))
+        ids = {name: i for i, name in enumerate(sorted(set(gallery.column("identity"))))}
+
+        def identity_tensor(names):  # identities absent from the gallery get fresh ids: they have no positive
+            return torch.tensor([ids.setdefault(n, len(ids)) for n in names], dtype=torch.long)
+
+        gallery_ids = identity_tensor(gallery.column("identity"))
+        g = F.normalize(gallery.features, dim=-1)
+        metrics: dict[str, float] = {"gallery": len(gallery.records)}
+        ks = tuple(self.options.ranks)
+        if self.options.image:
+            query = store.images(self.dataset.image_set("query"))
+            sim = F.normalize(query.features, dim=-1) @ g.T
+            found = person_retrieval_metrics(sim, identity_tensor(query.column("identity")), gallery_ids,
+                                             ignore_mask(query, gallery, self.options.gallery_rule), ks)
+            metrics.update({f"image_to_image_{k}": v for k, v in found.items()})
+        text_queries = self.dataset.text_queries() if self.options.text else []
+        if text_queries:
+            t = F.normalize(store.texts([c for _, c in text_queries], desc="query captions"), dim=-1)
+            found = person_retrieval_metrics(t @ g.T, identity_tensor([p for p, _ in text_queries]), gallery_ids,
+                                             None, ks)
+            metrics.update({f"text_to_image_{k}": v for k, v in found.items()})
+        return metrics
+
+    def main_metric(self, metrics: dict[str, float]) -> str:
+        mode = "text_to_image" if "text_to_image_rank@1" in metrics else "image_to_image"
+        return f"{mode}_rank@{self.options.ranks[0]}"
+
+    def protocol(self) -> str | None:
+        return RULES[self.options.gallery_rule] if self.options.image else "text->image over the full gallery"
