@@ -6,6 +6,7 @@ the same writer users run on their data, and the shards are streamed back throug
 from __future__ import annotations
 
 import csv
+import json
 import fcntl
 import os
 import time
@@ -75,27 +76,32 @@ def builtin_shards(name: str) -> Path:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> int:
-    from vlp.data import Loader, ShardStream, StreamOptions
-    from vlp.data.preprocess import ImageOptions
-    from vlp.data.writer import format_report
+    """Shards from digits, a tiny CLIP trained on them (configs/digits-tiny.yaml), zero-shot on held-out digits."""
+    import shutil
 
+    from vlp.config import load_experiment
+    from vlp.train.loop import Trainer
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "digits-tiny.yaml"
+    if not config.exists():
+        raise FileNotFoundError(f"{config} is missing: run the demo from a clone of the repository")
     out = Path(out)
-    raw = out / "raw"
-    print(f"[1/2] digits -> PNG + CSV in {raw}")
-    train_csv, _ = write_digit_images(raw)
-    shards = out / "shards"
-    manifest = write_shards(sources.table(train_csv, source="digits"), shards,
-                            WriterOptions(samples_per_shard=256, workers=2, overwrite=True), source="digits")
-    print(format_report(manifest, shards))
-
-    print("[2/2] streaming the shards back (2 workers, 32 px, batch 128)")
-    stream = ShardStream(str(shards), StreamOptions(batch_size=128, image=ImageOptions(size=32)))
-    loader = Loader(stream, workers=2)
-    start, seen, labels = time.time(), 0, set()
-    for batch in loader:
-        seen += len(batch["uid"])
-        labels.update(batch["meta"][i]["label"] for i in range(len(batch["uid"])))
-    elapsed = time.time() - start
-    print(f"streamed {seen:,} of {manifest['samples']:,} samples ({seen / elapsed:,.0f} samples/s), "
-          f"{len(labels)} digits, skipped: {dict(loader.skipped) or 'none'}")
-    return 0 if seen == manifest["samples"] else 1
+    if (out / "config.yaml").exists():
+        shutil.rmtree(out)  # a previous demo run: start afresh rather than resume it
+    start = time.time()
+    root = builtin_data("digits")
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    print(f"[1/3] data: {manifest['samples']:,} captioned digits in {len(manifest['shards'])} shards at "
+          f"{root / 'shards'}; held-out test images in {root / 'raw' / 'test'}", flush=True)
+    exp = load_experiment(config, ["eval.suite=digits", "train.resume=never"] if quick else [], smoke=quick)
+    print(f"[2/3] training {exp.model.name} for {exp.train.epochs} epochs ({config.name}"
+          f"{', smoke' if quick else ''}) into {out}", flush=True)
+    trainer = Trainer(exp, out)
+    trainer.train()
+    print(f"[3/3] zero-shot evaluation on held-out digits (chance: 10%)", flush=True)
+    summaries = sorted((out / "eval").glob("step-*/summary.md"))
+    if summaries:
+        print(summaries[-1].read_text())
+    print(f"done in {time.time() - start:.0f}s: loss curve {out / 'plots' / 'loss.png'}, "
+          f"results in {summaries[-1].parent if summaries else out}", flush=True)
+    return 0

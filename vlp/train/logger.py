@@ -20,28 +20,40 @@ class RunLogger:
         self.samples += samples
 
     def log(self, step: int, record: dict) -> None:
+        if "eval" in record:  # evaluation time is not training throughput
+            self._write(step, record)
+            return
         now = time.time()
         rate = self.samples / max(now - self.last_time, 1e-9)
         steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.total_steps - step) / steps_per_s if self.total_steps and steps_per_s > 0 else None
         self.last_time, self.last_step, self.samples = now, step, 0
-        record = {"step": step, **record, "samples_per_s": round(rate, 1), "time": round(now, 2)}
+        record = {"step": step, **record, "samples_per_s": round(rate, 1), "eta_s": eta and round(eta)}
+        self._write(step, record)
+
+    def _write(self, step: int, record: dict) -> None:
+        record = {**record, "step": step, "time": round(time.time(), 2)}
         if not self.enabled:
             return
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         for k, v in record.items():
-            if isinstance(v, (int, float)) and k not in ("step", "time"):
+            if isinstance(v, (int, float)) and k not in ("step", "time", "eta_s"):
                 self.tb.add_scalar(k, v, step)
             elif isinstance(v, dict):
                 for kk, vv in v.items():
                     if isinstance(vv, (int, float)):
                         self.tb.add_scalar(f"{k}/{kk}", vv, step)
+        if "eval" in record:
+            figures = ", ".join(f"{k} {v:.4f}" for k, v in record["eval"].items() if isinstance(v, float))
+            print(f"step {step} eval: {figures}", flush=True)
+            return
         total = f"/{self.total_steps}" if self.total_steps else ""
+        eta = record.get("eta_s")
         eta_s = f" eta {_duration(eta)}" if eta is not None else ""
         skipped = f" skipped {record['skipped']}" if record.get("skipped") else ""
         print(f"step {step}{total} epoch {record.get('epoch')} loss {record.get('loss', float('nan')):.4f} "
-              f"lr {record.get('lr', 0):.2e} {rate:,.0f} samples/s{eta_s}{skipped}", flush=True)
+              f"lr {record.get('lr', 0):.2e} {record['samples_per_s']:,.0f} samples/s{eta_s}{skipped}", flush=True)
 
     def close(self) -> None:
         if self.tb is not None:
