@@ -174,3 +174,28 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, tmp_path):
     assert "SIGTERM: checkpoint at step" in out
     step = checkpoint.load(checkpoint.latest(tmp_path / "run"))[1]["step"]
     assert step >= 2 and f"step-{step:07d}" == checkpoint.latest(tmp_path / "run").name
+
+
+def test_pretrained_weights_file_initialises_the_model(shards, tmp_path):
+    first = Trainer(experiment(shards, train={"max_steps": 1}), tmp_path / "a")
+    first.train()
+    weights_file = checkpoint.latest(tmp_path / "a") / "model.safetensors"
+    second = Trainer(experiment(shards, model={"pretrained": str(weights_file)}, train={"max_steps": 1}),
+                     tmp_path / "b")
+    a, b = weights(first), weights(second)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(shards, tmp_path):
+    def grads(checkpointing):
+        exp = experiment(shards, model={"grad_checkpointing": checkpointing}, train={"max_steps": 1},
+                         data={"shuffle_buffer": 0})
+        trainer = Trainer(exp, tmp_path / str(checkpointing))
+        out = {}
+        trainer.optimizer.step = lambda closure=None: out or out.update(
+            {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()})
+        trainer.train()
+        return out
+
+    plain, checkpointed = grads(False), grads(True)
+    assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
