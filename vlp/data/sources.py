@@ -103,38 +103,37 @@ def caption_file(
             yield Item(stem, str(path), all_captions[0], meta)
 
 
-def labelled_folder(root: str | Path, source: str = "labels") -> Iterator[Item | Skip]:
-    """``<root>/<class>/<image>``: class index = position of the folder name in sorted order (torchvision's
-    ImageFolder rule); ``txt`` is the class name, ``json`` carries ``label`` and ``class_name``."""
+def _grouped_images(root: str | Path, group: str) -> Iterator[tuple[int, str, Path]]:
+    """(index of the group folder in sorted order, its name, image path) of ``<root>/<group>/<image>``."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root}: no class folders (<root>/<class>/<image> expected)")
-    for label, name in enumerate(classes):
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
+        raise ValueError(f"{root}: no {group} folders (<root>/<{group}>/<image> expected)")
+    for index, name in enumerate(names):
         for path in _images_in(root / name):
-            rel = f"{name}/{path.name}"
-            meta = {"uid": make_uid(source, rel), "source": source, "kind": "label", "label": label,
-                    "class_name": name, "image": rel}
-            yield Item(_safe_key(f"{name}_{path.stem}"), str(path), name, meta, cls=label)
+            yield index, name, path
+
+
+def labelled_folder(root: str | Path, source: str = "labels") -> Iterator[Item | Skip]:
+    """``<root>/<class>/<image>``: class index = position of the folder name in sorted order (torchvision's
+    ImageFolder rule); ``txt`` is the class name, ``json`` carries ``label`` and ``class_name``."""
+    for label, name, path in _grouped_images(root, "class"):
+        rel = f"{name}/{path.name}"
+        meta = {"uid": make_uid(source, rel), "source": source, "kind": "label", "label": label,
+                "class_name": name, "image": rel}
+        yield Item(_safe_key(f"{name}_{path.stem}"), str(path), name, meta, cls=label)
 
 
 def identity_folders(root: str | Path, source: str = "identities") -> Iterator[Item | Skip]:
     """``<root>/<person>/<image>``: identity = position of the person folder in sorted order; the folder name is
     kept as ``json["person"]``. No text: these sets ship none."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"identity folder {root} does not exist")
-    people = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not people:
-        raise ValueError(f"{root}: no identity folders (<root>/<person>/<image> expected)")
-    for identity, person in enumerate(people):
-        for path in _images_in(root / person):
-            rel = f"{person}/{path.name}"
-            meta = {"uid": make_uid(source, rel), "source": source, "kind": "identity", "identity": identity,
-                    "person": person, "image": rel}
-            yield Item(_safe_key(f"{person}_{path.stem}"), str(path), None, meta)
+    for identity, person, path in _grouped_images(root, "person"):
+        rel = f"{person}/{path.name}"
+        meta = {"uid": make_uid(source, rel), "source": source, "kind": "identity", "identity": identity,
+                "person": person, "image": rel}
+        yield Item(_safe_key(f"{person}_{path.stem}"), str(path), None, meta)
 
 
 def _coerce_integers(extra: dict) -> str | None:
