@@ -89,17 +89,20 @@ class ImageDecoder:
         size = self.opts.size
         try:
             img = Image.open(io.BytesIO(data))
+            width, height = img.size  # the stored size: crop geometry is drawn here, whatever the decoder scale
             if self.opts.draft and img.format == "JPEG":
                 need = math.ceil(size / self.min_crop)
                 img.draft("RGB", (need, need))
             img = img.convert("RGB")
         except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
             raise BadSample("image_decode", f"{type(e).__name__}: {e}") from e
-        w, h = img.size
         if self.opts.train:
-            box = random_resized_crop_box(w, h, self.opts.scale, self.opts.ratio, rng)
+            box = random_resized_crop_box(width, height, self.opts.scale, self.opts.ratio, rng)
         else:
-            box = center_crop_box(w, h)
+            box = center_crop_box(width, height)
+        if img.size != (width, height):  # drafted: the same box, on the smaller pixel grid
+            sx, sy = img.width / width, img.height / height
+            box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         img = img.resize((size, size), Image.BICUBIC, box=box)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 

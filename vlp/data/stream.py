@@ -244,6 +244,11 @@ def shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:
     yield from buffer
 
 
+def _as_is(batch: dict) -> dict:
+    # Batches are complete when a worker yields them; DataLoader's default_convert would only walk them again.
+    return batch
+
+
 class Loader:
     """A DataLoader over a :class:`ShardStream` with a resumable position and summed bad-sample counts.
 
@@ -259,9 +264,8 @@ class Loader:
         self.skipped: Counter = Counter()
         self.epoch = stream.epoch
         self._state = self._fresh_state()
-        self.loader = DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 prefetch_factor=prefetch if workers > 0 else None,
-                                 persistent_workers=False)
+        self.loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
+                                 pin_memory=pin_memory, prefetch_factor=prefetch if workers > 0 else None)
 
     def _fresh_state(self) -> dict:
         return {"positions": {}, "next": 0, "ended": []}

@@ -1,0 +1,47 @@
+"""The fast image path against open_clip's own transforms, on the same pixels."""
+from __future__ import annotations
+
+import io
+import random
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from vlp.data.preprocess import ImageDecoder, ImageOptions, normalize_batch
+
+
+def smooth_jpeg(size: int = 160) -> bytes:
+    """A photo-like image: smooth gradients plus a little texture, so resampling differences stay small."""
+    y, x = np.mgrid[0:size, 0:size] / size
+    rng = np.random.default_rng(0)
+    channels = [128 + 100 * np.sin(3 * x + c) * np.cos(2 * y - c) for c in range(3)]
+    img = np.stack(channels, -1) + rng.normal(0, 4, (size, size, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_eval_path_matches_open_clip_eval_transform(size):
+    data = smooth_jpeg()
+    ours = ImageDecoder(ImageOptions(size=size, train=False, draft=False))(data, random.Random(0))
+    ours = normalize_batch(ours[None], open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)[0]
+    transform = open_clip.image_transform(size, is_train=False)
+    theirs = transform(Image.open(io.BytesIO(data)))
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
+    diff_255 = ((ours - theirs) * std * 255).abs()
+    assert ours.shape == theirs.shape == (3, size, size)
+    assert diff_255.mean() < 0.01, f"mean abs difference {diff_255.mean():.2f} (0..255 units)"
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_draft_decoding_keeps_the_crop_and_stays_close(size):
+    data = smooth_jpeg()
+    full = ImageDecoder(ImageOptions(size=size, train=True, draft=False))(data, random.Random(7)).float()
+    draft = ImageDecoder(ImageOptions(size=size, train=True, draft=True))(data, random.Random(7)).float()
+    assert (full - draft).abs().mean() < 1.5  # same crop box drawn on the stored size, decoded at 1/2-1/4 scale
+    other = ImageDecoder(ImageOptions(size=size, train=True, draft=False))(data, random.Random(8)).float()
+    assert (full - other).abs().mean() > (full - draft).abs().mean()
