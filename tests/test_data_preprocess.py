@@ -45,3 +45,10 @@ def test_draft_decoding_keeps_the_crop_and_stays_close(size):
     assert (full - draft).abs().mean() < 1.5  # same crop box drawn on the stored size, decoded at 1/2-1/4 scale
     other = ImageDecoder(ImageOptions(size=size, train=True, draft=False))(data, random.Random(8)).float()
     assert (full - other).abs().mean() > (full - draft).abs().mean()
+
+
+def test_default_normalisation_is_open_clips():
+    from vlp.data import preprocess
+
+    assert preprocess.OPENAI_DATASET_MEAN == open_clip.OPENAI_DATASET_MEAN
+    assert preprocess.OPENAI_DATASET_STD == open_clip.OPENAI_DATASET_STD

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+# open_clip.constants' OPENAI_DATASET_MEAN/STD, restated: importing open_clip costs seconds in every worker and CLI
+# call that never builds a model (tests/test_data_preprocess.py checks they agree).
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class BadSample(Exception):

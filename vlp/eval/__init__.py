@@ -6,13 +6,6 @@
 - :mod:`.features` embeddings computed once per (model, image set), cached on disk;
 - :mod:`.tasks` one evaluator per task type; :mod:`.metrics` the metric definitions;
 - :mod:`.suite` reading/validating/running suites, :mod:`.report` writing results, :mod:`.cli` ``vlp eval``.
-"""
-from vlp.eval.features import Embedded, FeatureOptions, FeatureStore
-from vlp.eval.images import LoadOptions
-from vlp.eval.metrics import classification_metrics, person_retrieval_metrics, retrieval_metrics
-from vlp.eval.models import EvalModel, Preprocess, load_model
-from vlp.eval.suite import SuiteError, load_suite, run_suite
 
-__all__ = ["Embedded", "FeatureOptions", "FeatureStore", "LoadOptions", "classification_metrics",
-           "person_retrieval_metrics", "retrieval_metrics", "EvalModel", "Preprocess", "load_model", "SuiteError",
-           "load_suite", "run_suite"]
+Submodules are imported where used (nothing here), so ``vlp <verb>`` does not load open_clip unless it needs it.
+"""

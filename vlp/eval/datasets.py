@@ -2,7 +2,7 @@
 
 | format | layout | kind |
 |---|---|---|
-| ``wds`` | CLIP_benchmark's webdataset layout (see :mod:`vlp.eval.wds_layout`) | classification or retrieval (``dataset_type.txt``) |
+| ``wds`` | CLIP_benchmark's webdataset layout (:mod:`vlp.eval.wds_layout`) | from ``dataset_type.txt`` |
 | ``folder`` | torchvision ImageFolder: ``<path>[/<split>]/<class>/<image>`` | classification |
 | ``captions`` | image folder + caption file in Flickr8k's layout (+ split file) | retrieval |
 | ``shards`` | vlp shards (:func:`vlp.data.write_shards`): captions, or labels with ``kind: classification`` | either |
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,9 +26,6 @@ from vlp.eval import prompts, wds_layout
 from vlp.eval.images import FileImages, ImageSet, ShardImages, merge_by_image
 
 FORMATS: dict[str, type["EvalDataset"]] = {}
-
-PATH = {"path": True}  # field metadata: resolved against the suite's data_root
-
 
 class DatasetError(ValueError):
     pass
@@ -60,8 +57,9 @@ class EvalDataset(ABC):
     def image_set(self, split: str | None = None) -> ImageSet: ...
 
     def describe(self) -> dict:
-        return {"name": self.name, "format": self.format, "kind": self.kind,
-                **{k: v for k, v in vars(self.options).items() if v is not None and k not in ("classnames", "templates")}}
+        options = {k: v for k, v in vars(self.options).items()
+                   if v is not None and k not in ("classnames", "templates")}
+        return {"name": self.name, "format": self.format, "kind": self.kind, **options}
 
     # -- shared checks ---------------------------------------------------------------------------------
     def _fail(self, message: str) -> DatasetError:
@@ -100,7 +98,7 @@ class EvalDataset(ABC):
             raise self._fail(f"{where} holds no labelled sample")
         source = self.prompt_sources.get("classnames", "class names")
         if self.classnames is None:
-            raise self._fail(f"no class names: give classnames: in the suite, or provide {where}/../classnames.txt")
+            raise self._fail(f"no class names for the labels in {where}: give classnames: in the suite entry")
         if min(labels) < 0 or max(labels) >= len(self.classnames):
             raise self._fail(f"{source} has {len(self.classnames)} class names but the labels in {where} run from "
                              f"{min(labels)} to {max(labels)}: the class-name file does not match the labels")
@@ -111,7 +109,7 @@ class WdsDataset(EvalDataset):
     kind = "classification"  # until check() has read dataset_type.txt
     @dataclass
     class Options:
-        path: str = field(metadata=PATH)
+        path: str
         split: str = "test"
         classnames: str | list[str] | None = None
         templates: str | list[str] | None = None
@@ -124,8 +122,11 @@ class WdsDataset(EvalDataset):
         except (FileNotFoundError, ValueError) as e:
             raise self._fail(str(e)) from e
         if self.kind == "classification":
-            side = [(root / f, f) for f in (wds_layout.CLASSNAMES, wds_layout.TEMPLATES)]
-            found = [(prompts.read_list_file(p), str(p)) if p.exists() else None for p, _ in side]
+            try:
+                found = [(prompts.read_list_file(root / f), str(root / f)) if (root / f).exists() else None
+                         for f in (wds_layout.CLASSNAMES, wds_layout.TEMPLATES)]
+            except prompts.PromptError as e:
+                raise self._fail(str(e)) from e
             self._prompts(found[0], found[1])
             labels = [label for shard in shards for label in wds_layout.scan_labels(shard)]
             self._check_labels(labels, str(root / self.options.split))
@@ -152,7 +153,7 @@ class FolderDataset(EvalDataset):
 
     @dataclass
     class Options:
-        path: str = field(metadata=PATH)
+        path: str
         split: str | None = None  # subfolder holding the class folders (e.g. test); linear probes add train
         classnames: str | list[str] | None = None
         templates: str | list[str] | None = None
@@ -173,10 +174,13 @@ class FolderDataset(EvalDataset):
         root = self._root(self.options.split)
         classes = self._classes(root)
         self._prompts((classes, f"the folder names in {root}"), None)
+        source = self.prompt_sources["classnames"]
         if len(self.classnames) != len(classes):
-            source = self.prompt_sources["classnames"]
             raise self._fail(f"{source} has {len(self.classnames)} class names but {root} has {len(classes)} "
                              "class folders: the class-name file does not match the labels")
+        if set(self.classnames) == set(classes) and self.classnames != classes:
+            raise self._fail(f"{source} names the class folders of {root} in another order; labels follow the "
+                             "sorted folder names, so every class would get another's name")
 
     def image_set(self, split: str | None = None) -> ImageSet:
         root = self._root(split or self.options.split)
@@ -200,9 +204,9 @@ class CaptionDataset(EvalDataset):
 
     @dataclass
     class Options:
-        images: str = field(metadata=PATH)
-        captions: str = field(metadata=PATH)
-        split_file: str | None = field(default=None, metadata=PATH)  # image names of the split, one a line
+        images: str
+        captions: str
+        split_file: str | None = None  # image names of the split, one a line
         limit: int | None = None  # the first N images of the split
 
     def check(self) -> None:
@@ -233,7 +237,7 @@ class ShardDataset(EvalDataset):
     kind = "retrieval"  # until check() has read the options
     @dataclass
     class Options:
-        path: str = field(metadata=PATH)  # a shard spec: folder, brace pattern, or several joined with ::
+        path: str  # a shard spec: folder, brace pattern, or several joined with ::
         kind: str = "retrieval"  # or classification (samples carry cls / json label)
         classnames: str | list[str] | None = None
         templates: str | list[str] | None = None
@@ -277,11 +281,11 @@ class IdentityDataset(EvalDataset):
 
     @dataclass
     class Options:
-        path: str = field(metadata=PATH)
+        path: str
         query: str = "query"
         gallery: str = "gallery"
         camera: str | None = r"^(\d+)_"  # regex on the file name; group 1 is the camera (None: unknown)
-        captions: str | None = field(default=None, metadata=PATH)  # "<person>/<file>,<caption>" lines: text queries
+        captions: str | None = None  # "<person>/<file>,<caption>" lines: text queries
 
     def _listing(self, part: str) -> list[Item]:
         root = self._exists(self.base / self.options.path / part, f"{part} folder")

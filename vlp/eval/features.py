@@ -117,8 +117,9 @@ class FeatureStore:
         stacked = torch.cat(features)[order].contiguous()
         stacked, ordered = images.finalize(stacked, [records[i] for i in order])
         skipped = images.skipped()
-        if skipped:
-            log.warning("%s: skipped %s", images.name, skipped)
+        if skipped:  # a figure on a silently smaller set would not be comparable with anyone else's
+            raise ValueError(f"{images.name}: {sum(skipped.values())} samples could not be read ({skipped}); "
+                             "an evaluation set must be read whole, fix or rewrite it")
         self.computed.append(images.name)
         return Embedded(stacked, ordered, skipped, seconds=time.time() - start)
 

@@ -2,7 +2,8 @@
 
 Two kinds of source:
 - :class:`FileImages`: image files listed up front (folders, caption files), decoded by DataLoader workers;
-- :class:`ShardImages`: WebDataset shards (CLIP_benchmark's layout, vlp shards), streamed by :class:`vlp.data.ShardStream`.
+- :class:`ShardImages`: WebDataset shards (CLIP_benchmark's layout, vlp shards), streamed by
+  :class:`vlp.data.ShardStream`.
 
 Both decode with :class:`vlp.data.ImageDecoder` (resize shorter side + center crop, bicubic) and normalise per
 batch, so every format gives the same pixels for the same image. A record is a plain dict (JSON-serialisable,
@@ -17,13 +18,12 @@ import os
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vlp.data import ImageDecoder, ImageOptions, Loader, ShardStream, StreamOptions
+from vlp.data import BadSample, ImageDecoder, ImageOptions, Loader, ShardStream, StreamOptions
 from vlp.data.preprocess import normalize_batch
 from vlp.data.shards import expand
 from vlp.eval.models import Preprocess
@@ -84,7 +84,10 @@ class _DecodeFiles(Dataset):
             data = f.read()
         # The content hash lets an evaluator recognise the same image under two names (query/gallery copies).
         digest = hashlib.md5(data).hexdigest() if self.digest else None
-        return i, self.decoder(data, self.rng), digest
+        try:
+            return i, self.decoder(data, self.rng), digest
+        except BadSample as e:
+            raise ValueError(f"{self.paths[i]}: {e}") from e
 
 
 class FileImages(ImageSet):

@@ -76,7 +76,15 @@ def _plot(suite: Suite, results: list[Result], model: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r.entry.dataset.name}\n{r.entry.evaluator.task}\n{r.main_metric}" for r in results]
+    slugs = [r.entry.slug for r in results]
+
+    def label(r: Result) -> str:  # entries sharing dataset and task are told apart by their options
+        text = f"{r.entry.dataset.name}\n{r.entry.evaluator.task}\n{r.main_metric}"
+        if slugs.count(r.entry.slug) > 1 and r.entry.options:
+            text += "\n" + ", ".join(f"{k}={v}" for k, v in r.entry.options.items())
+        return text
+
+    labels = [label(r) for r in results]
     values = [r.metrics[r.main_metric] for r in results]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.8 * len(results)), 3.6))
     ax.bar(range(len(values)), values, color="#4c72b0")

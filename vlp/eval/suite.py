@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,22 @@ def _allowed(annotation: str) -> tuple[type, ...]:
     return kinds
 
 
-def build_options(cls: type, values: dict | None, where: str, base: Path | None = None):
+def _fits(value, annotation: str) -> bool:
+    """Whether a YAML value fits a field annotation such as ``int | None`` or ``list[float]``."""
+    allowed = _allowed(annotation)
+    if isinstance(value, bool) and bool not in allowed:  # YAML's yes/no must not pass for a number
+        return False
+    if not isinstance(value, allowed):
+        return False
+    inner = re.search(r"list\[(\w+)\]", str(annotation))
+    if isinstance(value, list) and inner and inner.group(1) in _TYPES:
+        return all(_fits(v, inner.group(1)) for v in value)
+    return True
+
+
+def build_options(cls: type, values: dict | None, where: str):
     """A typed options dataclass from a YAML mapping: unknown keys, missing keys and wrong types are errors that
-    name the entry; fields marked as paths stay strings (resolved by their reader against ``base``)."""
+    name the entry. Paths stay strings: each reader resolves them against the suite's data root."""
     if values is not None and not isinstance(values, dict):
         raise SuiteError(f"{where}: expected a mapping, got {type(values).__name__}")
     values = dict(values or {})
@@ -100,11 +114,8 @@ def build_options(cls: type, values: dict | None, where: str, base: Path | None 
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise SuiteError(f"{where}: missing required option {name!r}")
             continue
-        value, allowed = values[name], _allowed(f.type)
-        if isinstance(value, bool) and bool not in allowed:  # YAML's yes/no must not pass for a number
-            allowed = ()
-        if not isinstance(value, allowed):
-            raise SuiteError(f"{where}.{name}: expected {f.type}, got {value!r}")
+        if not _fits(values[name], f.type):
+            raise SuiteError(f"{where}.{name}: expected {f.type}, got {values[name]!r}")
     return cls(**values)
 
 

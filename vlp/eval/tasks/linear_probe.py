@@ -54,9 +54,12 @@ def take_per_class(indices: list[int], labels: list[int], k: int, rng: random.Ra
 def fit(x: np.ndarray, y: np.ndarray, wd: float, max_iter: int):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     probe = LogisticRegression(C=1.0 / (wd * len(y)), max_iter=max_iter)
-    with warnings.catch_warnings():
+    # BLAS threads follow torch's setting (``vlp eval --threads``): OpenBLAS's default of one thread per core made
+    # an 800-image probe 50x slower on a busy 2-core machine, its threads spinning while others held the cores.
+    with warnings.catch_warnings(), threadpool_limits(torch.get_num_threads()):
         warnings.simplefilter("ignore", ConvergenceWarning)  # a capped run is still a valid point of the sweep
         return probe.fit(x, y)
 
@@ -128,4 +131,5 @@ class LinearProbe(Evaluator):
 
     def protocol(self) -> str | None:
         shots = f"{self.options.fewshot_k}-shot" if self.options.fewshot_k else "full training split"
-        return f"logistic regression, {shots}, weight decay chosen on a {self.options.val_proportion:g} validation split"
+        held_out = self.options.val_proportion
+        return f"logistic regression, {shots}, weight decay chosen on a {held_out:g} validation split"

@@ -28,15 +28,25 @@ RULES = {
 }
 
 
+def _codes(query: list, gallery: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal values -> equal integers; None never equals anything (unknown digest or camera)."""
+    table: dict = {}
+
+    def code(values, start):
+        return torch.tensor([-(start + i) - 1 if v is None else table.setdefault(v, len(table))
+                             for i, v in enumerate(values)], dtype=torch.long)
+    return code(query, 0), code(gallery, len(query))
+
+
 def ignore_mask(query: Embedded, gallery: Embedded, rule: str) -> torch.Tensor:
     """(queries, gallery) bool: the gallery items each image query must not see."""
-    q_digest, g_digest = query.column("digest"), gallery.column("digest")
-    mask = torch.tensor([[a is not None and a == b for b in g_digest] for a in q_digest], dtype=torch.bool)
+    q, g = _codes(query.column("digest"), gallery.column("digest"))
+    mask = q.view(-1, 1) == g.view(1, -1)
     if rule == "same_camera":
-        q = list(zip(query.column("identity"), query.column("camera")))
-        g = list(zip(gallery.column("identity"), gallery.column("camera")))
-        mask |= torch.tensor([[a == b for b in g] for a in q], dtype=torch.bool)
-    return mask.view(len(q_digest), len(g_digest))
+        q, g = _codes(list(zip(query.column("identity"), query.column("camera"))),
+                      list(zip(gallery.column("identity"), gallery.column("camera"))))
+        mask |= q.view(-1, 1) == g.view(1, -1)
+    return mask
 
 
 @register_task("person_retrieval")
