@@ -1,6 +1,7 @@
 """The training engine on CPU: exact resume, accumulation semantics, divergence, checkpoints, parameter rules."""
 from __future__ import annotations
 
+import json
 import math
 
 import open_clip
@@ -199,3 +200,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(shards, tmp_path):
 
     plain, checkpointed = grads(False), grads(True)
     assert all(torch.allclose(plain[k], checkpointed[k], atol=1e-6) for k in plain)
+
+
+def test_drop_last_keeps_only_full_batches(shards, tmp_path):
+    trainer = Trainer(experiment(shards, data={"workers": 2, "drop_last": True}, train={"epochs": 1}), tmp_path)
+    assert trainer.total_steps == 4  # 2 workers x 20 samples: 2 full batches of 8 each, the 4 left over dropped
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]

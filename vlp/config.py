@@ -38,6 +38,7 @@ class DataConfig:
     resampled: bool = False
     samples_per_epoch: Optional[int] = None  # resampled or mixed sources only
     caption: str = "first"  # "random": one of json["captions"] per step
+    drop_last: bool = False  # drop each worker's short last batch (always on with several ranks)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range, as open_clip's default
     draft: bool = True
 

@@ -74,7 +74,7 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                          std=pp["std"])
     opts = StreamOptions(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
-                         drop_last=dist.distributed, caption=cfg.caption, image=image)
+                         drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption, image=image)
     if not cfg.train:
         raise ValueError("data.train: no training source given")
     sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
