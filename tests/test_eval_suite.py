@@ -21,15 +21,8 @@ from vlp.eval.cli import main
 from vlp.eval.models import ModelSpecError, load_model
 from vlp.eval.suite import SuiteError, load_suite
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
-
-
-def shared_data(*parts: str) -> Path:
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (the tests read ../shared/data beside the repo)")
-    return path
+from conftest import REPO  # noqa: E402
+from conftest import require_shared_data as shared_data  # noqa: E402
 
 
 @pytest.fixture
