@@ -7,7 +7,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
 
 from conftest import REPO, require_shared_data
 from vlp.data import Loader, ShardStream, StreamOptions, expand, iter_raw_samples

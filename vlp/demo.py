@@ -98,7 +98,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> int:
           f"{', smoke' if quick else ''}) into {out}", flush=True)
     trainer = Trainer(exp, out)
     trainer.train()
-    print(f"[3/3] zero-shot evaluation on held-out digits (chance: 10%)", flush=True)
+    print("[3/3] zero-shot evaluation on held-out digits (chance: 10%)", flush=True)
     summaries = sorted((out / "eval").glob("step-*/summary.md"))
     if summaries:
         print(summaries[-1].read_text())
