@@ -210,3 +210,12 @@ def test_loader_resumes_exactly_mid_epoch(tmp_path, workers):
     assert [k for k, _ in head + tail] == [k for k, _ in reference]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(head + tail, reference)), "augmentation must replay"
     assert resumed.skipped["image_decode"] == 1 and resumed.epoch == 2
+
+
+def test_resampling_unreadable_shards_fails_instead_of_spinning(tmp_path):
+    make_shard_set(tmp_path, [3, 3])
+    for path in tmp_path.glob("*.tar"):
+        path.write_bytes(b"this is not a tar archive" * 40)
+    stream = ShardStream(str(tmp_path), options(resampled=True, samples_per_epoch=10))
+    with pytest.raises(ValueError, match="no readable sample in .* draws from the 2 shards"):
+        list(Loader(stream, workers=0))

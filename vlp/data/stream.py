@@ -95,7 +95,6 @@ class ShardStream(IterableDataset):
             raise ValueError("a stream needs at least one source")
         self.opts = opts
         self.tokenizer = tokenizer
-        self.sources = sources
         self.shards = [expand(s.shards) for s in sources]
         self.weights = [float(s.weight) for s in sources]
         if any(w <= 0 for w in self.weights):
@@ -139,14 +138,16 @@ class ShardStream(IterableDataset):
             yield from iter_raw_samples(shard.url, start, stop, on_error)
 
     def _resampled(self, shards: list[Shard], rng: random.Random, on_error) -> Iterator[dict]:
+        misses = 0  # draws in a row that gave no sample: a source with no readable sample must fail, not spin
         while True:
             shard = rng.choice(shards)
-            empty = True
+            misses += 1
             for sample in iter_raw_samples(shard.url, on_error=on_error):
-                empty = False
+                misses = 0
                 yield sample
-            if empty and all(s.samples == 0 for s in shards):
-                raise ValueError(f"every shard of {shards[0].url}... is empty")
+            if misses > 2 * len(shards) + 8:
+                raise ValueError(f"no readable sample in {misses} draws from the {len(shards)} shards starting "
+                                 f"with {shards[0].url}: they are empty or unreadable")
 
     def _mixed_samples(self, rng: random.Random, on_error) -> Iterator[tuple[int, dict]]:
         streams = [self._resampled(shards, random.Random(rng.random()), on_error) for shards in self.shards]
