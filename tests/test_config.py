@@ -20,8 +20,10 @@ def test_types_defaults_and_overrides(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"data": {"train": [{"shards": "a/{0..3}.tar", "weight": 2}]},
                                     "optim": {"lr": 1}}))
-    exp = load_experiment(path, ["optim.betas=[0.9, 0.95]", "train.max_steps=7", "model.name=vlp-tiny-64"])
+    exp = load_experiment(path, ["optim.betas=[0.9, 0.95]", "train.max_steps=7", "model.name=vlp-tiny-64",
+                                 "optim.eps=1e-8"])  # YAML 1.1 reads 1e-8 (no dot) as a string
     assert exp.name == "exp" and exp.optim.lr == 1.0 and isinstance(exp.optim.lr, float)
+    assert exp.optim.eps == 1e-8
     assert exp.optim.betas == (0.9, 0.95) and exp.train.max_steps == 7 and exp.model.name == "vlp-tiny-64"
     assert exp.data.train[0].weight == 2.0 and exp.objectives[0].name == "clip"
     again = experiment_from_dict(yaml.safe_load(to_yaml(exp)))
@@ -31,6 +33,7 @@ def test_types_defaults_and_overrides(tmp_path):
 @pytest.mark.parametrize("data, overrides, message", [
     ({"optim": {"learning_rate": 1}}, [], r"exp.yaml: optim.learning_rate: unknown key"),
     ({"train": {"epochs": "three"}}, [], r"train.epochs: expected int, got 'three'"),
+    ({"optim": {"lr": "1e-3x"}}, [], r"optim.lr: expected float, got '1e-3x'"),
     ({"data": {"train": [{"weight": 1}]}}, [], r"data.train\[0\].shards: required key is missing"),
     ({"optim": {"betas": [0.9]}}, [], r"optim.betas: expected 2 values"),
     ({}, ["train.epocs=3"], r"train.epocs: unknown key"),

@@ -52,3 +52,19 @@ def test_default_normalisation_is_open_clips():
 
     assert preprocess.OPENAI_DATASET_MEAN == open_clip.OPENAI_DATASET_MEAN
     assert preprocess.OPENAI_DATASET_STD == open_clip.OPENAI_DATASET_STD
+
+
+def test_hflip_mirrors_about_half_the_crops_and_nothing_else():
+    data = smooth_jpeg()
+    plain = ImageDecoder(ImageOptions(size=32, train=True))
+    flip = ImageDecoder(ImageOptions(size=32, train=True, hflip=True))
+    mirrored = 0
+    for seed in range(40):
+        a, b = plain(data, random.Random(seed)), flip(data, random.Random(seed))  # the same crop box is drawn
+        if not torch.equal(a, b):
+            assert torch.equal(a.flip(-1), b), f"seed {seed}: the image differs by more than a mirror"
+            mirrored += 1
+    assert 10 <= mirrored <= 30, mirrored
+    evaluation = ImageOptions(size=32, train=False, hflip=True)  # never at evaluation
+    assert torch.equal(ImageDecoder(evaluation)(data, random.Random(1)),
+                       ImageDecoder(ImageOptions(size=32, train=False))(data, random.Random(1)))

@@ -208,3 +208,27 @@ def test_drop_last_keeps_only_full_batches(shards, tmp_path):
     trainer.train()
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_log_lines_carry_the_interval_mean_loss_and_threads_apply(shards, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(experiment(shards, train={"epochs": 1, "log_every": 2, "threads": 1}), tmp_path)
+        assert torch.get_num_threads() == 1
+        losses = []
+        real_step = trainer.train_step
+
+        def step(micro):
+            record = real_step(micro)
+            losses.append(record["loss"])
+            return record
+
+        trainer.train_step = step
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 5]  # 40 samples, batch 8; the last step is always logged
+    assert [r["loss"] for r in rows] == [losses[1], losses[3], losses[4]]
+    expected = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]
+    assert [r["loss_mean"] for r in rows] == pytest.approx(expected, rel=1e-9)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ class DataConfig:
     drop_last: bool = False  # drop each worker's short last batch (always on with several ranks)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range, as open_clip's default
     draft: bool = True
+    hflip: bool = False  # random horizontal flip (data augmentation)
 
 
 @dataclass
@@ -104,6 +106,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest checkpoint of the run, if any) | never | a checkpoint folder
     fsdp: bool = False
     local_loss: bool = False
+    threads: Optional[int] = None  # torch threads of each process on CPU; None keeps torch's default
 
 
 @dataclass
@@ -166,9 +169,14 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         return dict(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-3, without a dot, as a string
     if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
         raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def _join(prefix: str, name: str) -> str:

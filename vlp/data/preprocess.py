@@ -44,6 +44,7 @@ class ImageOptions:
     scale: tuple[float, float] = (0.9, 1.0)  # open_clip's AugmentationCfg default
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     draft: bool = True
+    hflip: bool = False  # mirror half the training images (captions rarely say left or right)
     mean: tuple[float, ...] = OPENAI_DATASET_MEAN
     std: tuple[float, ...] = OPENAI_DATASET_STD
 
@@ -106,6 +107,8 @@ class ImageDecoder:
             sx, sy = img.width / width, img.height / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         img = img.resize((size, size), Image.BICUBIC, box=box)
+        if self.opts.train and self.opts.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 

@@ -10,14 +10,17 @@ class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool, total_steps: int | None, start_step: int = 0):
         self.run_dir, self.enabled, self.total_steps = Path(run_dir), enabled, total_steps
         self.last_time, self.last_step, self.samples = time.time(), start_step, 0
+        self.losses: list[float] = []  # of the steps since the last line
         self.tb = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def count(self, samples: int) -> None:
+    def count(self, samples: int, loss: float | None = None) -> None:
         self.samples += samples
+        if loss is not None:
+            self.losses.append(loss)
 
     def log(self, step: int, record: dict) -> None:
         if "eval" in record:  # evaluation time is not training throughput
@@ -27,7 +30,9 @@ class RunLogger:
         rate = self.samples / max(now - self.last_time, 1e-9)
         steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
         eta = (self.total_steps - step) / steps_per_s if self.total_steps and steps_per_s > 0 else None
-        self.last_time, self.last_step, self.samples = now, step, 0
+        if self.losses:  # "loss" stays the loss of this step; the mean over the interval is far less noisy
+            record = {**record, "loss_mean": sum(self.losses) / len(self.losses)}
+        self.last_time, self.last_step, self.samples, self.losses = now, step, 0, []
         record = {"step": step, **record, "samples_per_s": round(rate, 1), "eta_s": eta and round(eta)}
         self._write(step, record)
 
@@ -52,7 +57,8 @@ class RunLogger:
         eta = record.get("eta_s")
         eta_s = f" eta {_duration(eta)}" if eta is not None else ""
         skipped = f" skipped {record['skipped']}" if record.get("skipped") else ""
-        print(f"step {step}{total} epoch {record.get('epoch')} loss {record.get('loss', float('nan')):.4f} "
+        loss = record.get("loss_mean", record.get("loss", float("nan")))
+        print(f"step {step}{total} epoch {record.get('epoch')} loss {loss:.4f} "
               f"lr {record.get('lr', 0):.2e} {record['samples_per_s']:,.0f} samples/s{eta_s}{skipped}", flush=True)
 
     def close(self) -> None:
@@ -80,9 +86,9 @@ def plot_loss(run_dir: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.plot([r["step"] for r in rows], [r.get("loss_mean", r["loss"]) for r in rows])
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (mean over each log interval)")
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     out = Path(run_dir) / "plots" / "loss.png"

@@ -70,8 +70,8 @@ def resolve_shards(spec: str) -> str:
 
 def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistInfo, seed: int) -> Loader:
     pp = open_clip.get_model_preprocess_cfg(model)
-    image = ImageOptions(size=pp["size"][0], train=True, scale=cfg.scale, draft=cfg.draft, mean=pp["mean"],
-                         std=pp["std"])
+    image = ImageOptions(size=pp["size"][0], train=True, scale=cfg.scale, draft=cfg.draft, hflip=cfg.hflip,
+                         mean=pp["mean"], std=pp["std"])
     opts = StreamOptions(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
                          drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption, image=image)
@@ -111,6 +111,8 @@ class Trainer:
         self.exp = exp
         self.dist = setup(exp.train.device)
         self.device = self.dist.device
+        if exp.train.threads and self.device.type == "cpu":
+            torch.set_num_threads(exp.train.threads)
         self.run_dir = Path(run_dir) if run_dir else Path(exp.out) / exp.name
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -174,7 +176,7 @@ class Trainer:
                 return True
             self.last_record = self.train_step(micro)
             self.step += 1
-            self.logger.count(sum(len(b["uid"]) for b in micro) * self.dist.world_size)
+            self.logger.count(sum(len(b["uid"]) for b in micro) * self.dist.world_size, self.last_record["loss"])
             if self.step % self.exp.train.log_every == 0 or self.step == self.total_steps:
                 self.logger.log(self.step, {"epoch": self.epoch, **self.last_record,
                                             "skipped": dict(self.loader.skipped)})
