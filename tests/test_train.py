@@ -232,3 +232,16 @@ def test_log_lines_carry_the_interval_mean_loss_and_threads_apply(shards, tmp_pa
     assert [r["loss"] for r in rows] == [losses[1], losses[3], losses[4]]
     expected = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]
     assert [r["loss_mean"] for r in rows] == pytest.approx(expected, rel=1e-9)
+
+
+def test_default_rules_keep_weight_decay_off_every_1d_tensor_as_open_clip_does():
+    from vlp.config import OptimConfig
+    from vlp.train.optim import param_groups
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))  # BatchNorm's scale is "1.weight": no name says "norm"
+    model.positional_embedding = torch.nn.Parameter(torch.zeros(5, 4))
+    decay = {id(p): g["weight_decay"] for g in param_groups(model, OptimConfig(weight_decay=0.2)) for p in g["params"]}
+    by_name = {name: decay[id(p)] for name, p in model.named_parameters()}
+    assert by_name == {"positional_embedding": 0.0, "0.weight": 0.2, "0.bias": 0.0, "1.weight": 0.0, "1.bias": 0.0,
+                       "3.weight": 0.2, "3.bias": 0.0}

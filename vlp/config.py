@@ -69,6 +69,7 @@ class ParamRule:
     lr_scale: Optional[float] = None
     weight_decay: Optional[float] = None
     freeze: bool = False
+    max_dims: Optional[int] = None  # only parameters of at most this many dimensions (1: biases, norm scales)
 
 
 @dataclass
@@ -78,9 +79,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     clip_grad: Optional[float] = None
-    # Applied in order, later rules override earlier ones. The default keeps weight decay off biases, norms,
-    # the logit scale and bias and the positional/class embeddings, as open_clip does.
+    # Applied in order, later rules override earlier ones. The default keeps weight decay off every tensor of
+    # fewer than 2 dimensions (biases, norm and BatchNorm scales, the logit scale and bias), as open_clip does,
+    # and off the positional/class embeddings.
     rules: list[ParamRule] = field(default_factory=lambda: [
+        ParamRule(r".*", weight_decay=0.0, max_dims=1),
         ParamRule(r".*(bias|ln_.*|norm.*|logit_scale|logit_bias|positional_embedding|class_embedding).*",
                   weight_decay=0.0)])
 

@@ -9,11 +9,11 @@ import torch
 from vlp.config import OptimConfig, ScheduleConfig
 
 
-def _resolve(name: str, cfg: OptimConfig) -> tuple[float, float, bool]:
+def _resolve(name: str, param: torch.Tensor, cfg: OptimConfig) -> tuple[float, float, bool]:
     """(lr scale, weight decay, frozen) of a parameter: rules apply in order, later ones override earlier ones."""
     lr_scale, wd, frozen = 1.0, cfg.weight_decay, False
     for rule in cfg.rules:
-        if re.fullmatch(rule.pattern, name):
+        if re.fullmatch(rule.pattern, name) and (rule.max_dims is None or param.dim() <= rule.max_dims):
             lr_scale = rule.lr_scale if rule.lr_scale is not None else lr_scale
             wd = rule.weight_decay if rule.weight_decay is not None else wd
             frozen = rule.freeze or frozen
@@ -24,7 +24,7 @@ def freeze_parameters(model: torch.nn.Module, cfg: OptimConfig) -> None:
     """Apply the ``freeze`` rules (e.g. ``{pattern: "visual\\..*", freeze: true}``: LiT). Call it before wrapping
     the model in DDP/FSDP, which must know which parameters get gradients."""
     for name, param in model.named_parameters():
-        if _resolve(name, cfg)[2]:
+        if _resolve(name, param, cfg)[2]:
             param.requires_grad_(False)
 
 
@@ -32,7 +32,7 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     """One group per distinct (lr_scale, weight_decay) over the parameters that train."""
     groups: dict[tuple[float, float], dict] = {}
     for name, param in model.named_parameters():
-        lr_scale, wd, frozen = _resolve(name, cfg)
+        lr_scale, wd, frozen = _resolve(name, param, cfg)
         if frozen or not param.requires_grad:
             continue
         group = groups.setdefault((lr_scale, wd), {"params": [], "lr_scale": lr_scale, "weight_decay": wd})
