@@ -6,8 +6,9 @@
 
 What it does, one step after the other (never two trainings at once, so wall times are comparable):
 1. writes the Flickr8k train shards (30,000 samples, one per caption) into ``--out/shards`` if missing, and with
-   ``--fast`` the per-image shards of ``configs/flickr8k-fast.yaml``; installs webdataset 0.2.86 into
-   ``benchmarks/out/wds0286`` if missing (open_clip_train 3.3.0's pipeline fails on webdataset 1.x);
+   ``--fast`` the per-image shards of ``configs/flickr8k-fast.yaml`` (6,000 images shrunk to 64 px); installs
+   webdataset 0.2.86 into ``benchmarks/out/wds0286`` if missing (open_clip_train 3.3.0's pipeline fails on
+   webdataset 1.x);
 2. trains ``vlp-tiny-32`` with open_clip_train (through ``benchmarks/openclip_train_entry.py``), then with
    ``vlp train configs/flickr8k-tiny.yaml``: batch 256, lr 1e-3, wd 0.1, AdamW betas (0.9, 0.98), eps 1e-6, linear
    warmup then cosine, fp32, 2 loader workers, the same number of steps (``train.max_steps`` = open_clip's step
@@ -56,10 +57,12 @@ def sh(cmd: list[str], out: Path | None = None, env: dict | None = None) -> floa
 
 
 # -- preparation ---------------------------------------------------------------------------------------------------
-def ensure_shards(out: Path, per_image: bool = False) -> Path:
+def ensure_shards(out: Path, per_image: bool = False, resize: int | None = None) -> Path:
     shards = out / ("flickr8k-per-image" if per_image else "flickr8k") / "train"
+    if resize:
+        shards = shards.parent.with_name(f"{shards.parent.name}-{resize}") / "train"
     if not (shards / "manifest.json").exists():
-        flags = ["--per-image"] if per_image else []
+        flags = (["--per-image"] if per_image else []) + (["--resize", str(resize)] if resize else [])
         sh([PY, "-m", "vlp", "shards", "captions", "--source", "flickr8k", "--images", str(DATA / "flickr8k/images"),
             "--captions", str(DATA / "flickr8k/captions.txt"), "--split", str(DATA / "flickr8k/splits/train.txt"),
             "--out", str(shards), "--samples-per-shard", str(SHARD_SIZE), *flags])
@@ -123,22 +126,25 @@ def run_vlp(out: Path, name: str, config: str, sets: list[str]) -> dict:
     run = out / name
     if record := reuse(run, {"config": config, "set": sets}):
         return record
+    from vlp.config import load_experiment
+
+    model = load_experiment(config, sets).model.name
     cmd = [PY, "-m", "vlp", "train", config, "--run-dir", str(run)] + [a for s in sets for a in ("--set", s)]
     run.mkdir(parents=True, exist_ok=True)
     (run / "cmd.txt").write_text(" ".join(cmd) + "\n")
     seconds = sh(cmd, run / "stdout.log")
     last = (run / "checkpoints" / "latest").read_text().strip()  # the name of the last checkpoint folder
     record = {"seconds": round(seconds, 1), "weights": str(run / "checkpoints" / last / "model.safetensors"),
-              "settings": {"config": config, "set": sets}}
+              "model": model, "settings": {"config": config, "set": sets}}
     (run / "wall.json").write_text(json.dumps(record))
     return record
 
 
-def evaluate(out: Path, name: str, weights: str) -> dict:
+def evaluate(out: Path, name: str, weights: str, model: str = MODEL) -> dict:
     dest = out / "eval" / name
     if not (dest / "flickr8k__zeroshot_retrieval.json").exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        sh([PY, "-m", "vlp", "eval", "--model", f"{MODEL}:{weights}", "--suite", str(SUITE), "--out", str(dest),
+        sh([PY, "-m", "vlp", "eval", "--model", f"{model}:{weights}", "--suite", str(SUITE), "--out", str(dest),
             "--no-cache"], dest.parent / f"{name}.log")
     retrieval = json.loads((dest / "flickr8k__zeroshot_retrieval.json").read_text())["metrics"]
     cifar = json.loads((dest / "cifar10__zeroshot_classification.json").read_text())["metrics"]
@@ -171,11 +177,15 @@ def vlp_curve(run: Path) -> list[dict]:
     import yaml
 
     data = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    batch, workers = data["batch_size"], max(1, data["workers"])
+    batch, workers, drop_last = data["batch_size"], max(1, data["workers"]), data.get("drop_last", False)
     sizes = [s["samples"] for s in json.loads((Path(data["train"][0]["shards"]).parent / "manifest.json")
                                               .read_text())["shards"]]
     per_worker = [sum(sizes[w::workers]) for w in range(workers)]
-    epoch_steps, epoch_samples = sum(math.ceil(n / batch) for n in per_worker), sum(per_worker)
+    if drop_last:  # full batches only
+        epoch_steps = sum(n // batch for n in per_worker)
+        epoch_samples = epoch_steps * batch
+    else:
+        epoch_steps, epoch_samples = sum(math.ceil(n / batch) for n in per_worker), sum(per_worker)
 
     def seen(step: int) -> int:
         return step // epoch_steps * epoch_samples + min(step % epoch_steps * batch, epoch_samples)
@@ -185,7 +195,7 @@ def vlp_curve(run: Path) -> list[dict]:
             for r in rows if "loss" in r]
 
 
-def plot(curves: dict[str, list[dict]], path: Path, title: str, batches: dict[str, int]) -> None:
+def plot(curves: dict[str, list[dict]], path: Path, title: str, labels: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +203,7 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str, batches: dict[st
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, rows in curves.items():
-        ax.plot([r["samples"] for r in rows], [r["loss"] for r in rows], label=f"{label} (batch {batches[label]})")
+        ax.plot([r["samples"] for r in rows], [r["loss"] for r in rows], label=labels[label])
     ax.set_xlabel("training samples seen")
     ax.set_ylabel("contrastive loss of the step (chance: ln batch)")
     ax.set_title(title)
@@ -238,7 +248,7 @@ def main() -> None:
         f"train.seed={args.seed}"])
     curves = {"open_clip_train": openclip_curve(out / "openclip", steps // args.epochs), "vlp": vlp_curve(out / "vlp")}
     if args.fast:
-        fast_shards = ensure_shards(shard_root, per_image=True)
+        fast_shards = ensure_shards(shard_root, per_image=True, resize=64)
         sets = [f"data.train=[{{shards: '{shard_spec(fast_shards)}'}}]"]
         if args.fast_steps:
             sets.append(f"train.max_steps={args.fast_steps}")
@@ -251,15 +261,16 @@ def main() -> None:
         rows = curves[name]
         summary["runs"][name] = {"wall_s": run["seconds"], "steps": rows[-1]["step"], "samples_seen": rows[-1]["samples"],
                                  "final_loss": rows[-1]["loss"], "weights": run["weights"],
-                                 "metrics": evaluate(out, name.replace(" ", "-"), run["weights"])}
-    batches = {name: BATCH for name in curves}
+                                 "metrics": evaluate(out, name.replace(" ", "-"), run["weights"],
+                                                     run.get("model", MODEL))}
+    labels = {name: f"{name} ({MODEL}, batch {BATCH})" for name in curves}
     if args.fast:
         import yaml
 
-        batches["vlp fast recipe"] = yaml.safe_load((out / "vlp-fast" / "config.yaml").read_text())["data"][
-            "batch_size"]
-    plot(curves, out / "loss_curves.png", f"Flickr8k train, {MODEL}; parity: lr 1e-3, "
-                                           f"{args.epochs} epoch(s), warmup {args.warmup}", batches)
+        fast = yaml.safe_load((out / "vlp-fast" / "config.yaml").read_text())
+        labels["vlp fast recipe"] = f"vlp fast recipe ({fast['model']['name']}, batch {fast['data']['batch_size']})"
+    plot(curves, out / "loss_curves.png", f"Flickr8k train; parity: lr 1e-3, {args.epochs} epoch(s), "
+                                           f"warmup {args.warmup}", labels)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "summary.md").write_text(markdown(summary))
     print(markdown(summary))

@@ -13,11 +13,17 @@ if str(CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
     open_clip.add_model_config(CONFIG_DIR)
 
 
+def vlp_model_names() -> list[str]:
+    """vlp's own configs (``configs/*.json``), registered into open_clip under these names."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
 def model_image_size(name: str) -> int:
     """Input resolution of an open_clip (or vlp) model config, without building the model."""
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"unknown model config {name!r}; known: vlp-tiny-32, vlp-tiny-64 and open_clip.list_models()")
+        raise ValueError(f"unknown model config {name!r}; known: {', '.join(vlp_model_names())} and "
+                         "open_clip.list_models()")
     size = cfg["vision_cfg"]["image_size"]
     return size if isinstance(size, int) else size[0]
 

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-import vlp.models  # noqa: F401 - registers vlp's model configs
+import vlp.models  # registers vlp's model configs
 from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions
@@ -52,8 +52,8 @@ def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     if cfg.init_logit_bias is not None:
         kwargs["init_logit_bias"] = cfg.init_logit_bias
     if open_clip.get_model_config(cfg.name) is None:
-        raise ValueError(f"model.name: unknown model config {cfg.name!r} (vlp-tiny-32, vlp-tiny-64 or one of "
-                       "open_clip.list_models())")
+        raise ValueError(f"model.name: unknown model config {cfg.name!r} ({', '.join(vlp.models.vlp_model_names())} "
+                         "or one of open_clip.list_models())")
     model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **kwargs)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -279,8 +279,9 @@ class Trainer:
                 raise ValueError("train.fsdp needs several processes (torchrun --nproc_per_node N)")
             from torch.distributed.fsdp import fully_shard
 
-            for tower in (model.visual.transformer, model.transformer):
-                for block in tower.resblocks:
+            # each transformer block is a unit; other towers (timm CNNs) go with the root unit
+            for tower in (getattr(model.visual, "transformer", None), getattr(model, "transformer", None)):
+                for block in getattr(tower, "resblocks", []):
                     fully_shard(block)
             # FSDP2 cannot shard 0-d parameters (logit scale and bias): they stay replicated and their
             # gradients are averaged by hand (_sync_replicated_grads).
