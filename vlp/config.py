@@ -84,8 +84,7 @@ class OptimConfig:
     # and off the positional/class embeddings.
     rules: list[ParamRule] = field(default_factory=lambda: [
         ParamRule(r".*", weight_decay=0.0, max_dims=1),
-        ParamRule(r".*(bias|ln_.*|norm.*|logit_scale|logit_bias|positional_embedding|class_embedding).*",
-                  weight_decay=0.0)])
+        ParamRule(r".*positional_embedding", weight_decay=0.0)])
 
 
 @dataclass

@@ -111,6 +111,8 @@ class Trainer:
         self.exp = exp
         self.dist = setup(exp.train.device)
         self.device = self.dist.device
+        if exp.train.threads is not None and exp.train.threads < 1:
+            raise ValueError(f"train.threads: {exp.train.threads} is not a thread count (1 or more, or null)")
         if exp.train.threads and self.device.type == "cpu":
             torch.set_num_threads(exp.train.threads)
         self.run_dir = Path(run_dir) if run_dir else Path(exp.out) / exp.name
