@@ -30,12 +30,18 @@ def test_types_defaults_and_overrides(tmp_path):
     assert again == exp, "the resolved config saved in the run folder reproduces the experiment"
 
 
+def test_a_field_of_two_types_takes_either():
+    assert experiment_from_dict({"name": "x", "model": {"compile": True}}).model.compile is True
+    assert experiment_from_dict({"name": "x"}, ["model.compile=visual"]).model.compile == "visual"
+
+
 @pytest.mark.parametrize("data, overrides, message", [
     ({"optim": {"learning_rate": 1}}, [], r"exp.yaml: optim.learning_rate: unknown key"),
     ({"train": {"epochs": "three"}}, [], r"train.epochs: expected int, got 'three'"),
     ({"optim": {"lr": "1e-3x"}}, [], r"optim.lr: expected float, got '1e-3x'"),
     ({"data": {"train": [{"weight": 1}]}}, [], r"data.train\[0\].shards: required key is missing"),
     ({"optim": {"betas": [0.9]}}, [], r"optim.betas: expected 2 values"),
+    ({"model": {"compile": 3}}, [], r"model.compile: expected str, got 3"),
     ({}, ["train.epocs=3"], r"train.epocs: unknown key"),
     ({}, ["nonsense"], r"expected key=value"),
     ({}, ["train.precision=bf16", "--smoke"], r"no 'smoke' section"),

@@ -171,6 +171,28 @@ def test_captions_drawn_at_random_cover_every_caption(tmp_path):
     assert seen == set(captions)
 
 
+def test_several_captions_per_sample_come_image_major_and_distinct(tmp_path):
+    import open_clip
+
+    import vlp.models  # noqa: F401 - registers vlp-tiny-32
+
+    counts = [5, 4, 2]  # the last sample has fewer captions than asked for: both, then one of them again
+    write_tar(tmp_path / "00000.tar", [{"__key__": f"k{i}", "jpg": jpeg_bytes(i), "txt": b"x",
+                                        "json": json.dumps({"captions": [f"img{i} c{c}" for c in range(n)]}).encode()}
+                                       for i, n in enumerate(counts)])
+    tokenizer = open_clip.get_tokenizer("vlp-tiny-32")
+    stream = ShardStream(str(tmp_path), options(caption="random", captions_per_sample=3), tokenizer)
+    batch = next(iter(Loader(stream, workers=0)))
+    assert batch["image"].shape[0] == 3 and batch["text"].shape == (9, 32)
+    for i, captions in enumerate(batch["caption"]):
+        assert len(captions) == 3 and all(c.startswith(f"img{i} ") for c in captions)
+        assert len(set(captions)) == min(3, counts[i])
+        for j, caption in enumerate(captions):  # text row 3*i + j is image i's j-th caption
+            assert batch["text"][3 * i + j].tolist() == tokenizer([caption])[0].tolist()
+    with pytest.raises(ValueError, match="captions_per_sample"):
+        ShardStream(str(tmp_path), options(caption="first", captions_per_sample=2))
+
+
 def test_reads_tars_from_a_pipe_with_directories_and_odd_members(tmp_path):
     path = tmp_path / "00000.tar"
     with tarfile.open(path, "w") as tf:
@@ -210,6 +232,32 @@ def test_loader_resumes_exactly_mid_epoch(tmp_path, workers):
     assert [k for k, _ in head + tail] == [k for k, _ in reference]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(head + tail, reference)), "augmentation must replay"
     assert resumed.skipped["image_decode"] == 1 and resumed.epoch == 2
+
+
+def test_the_next_epoch_starts_early_and_yields_the_same_batches(tmp_path):
+    make_shard_set(tmp_path, [30, 34])  # 64 samples: 4 batches of 8 per worker and epoch
+
+    def run(lookahead: bool):
+        loader = Loader(ShardStream(str(tmp_path), options(shuffle_buffer=16, seed=3,
+                                                           image=ImageOptions(size=16, train=True))),
+                        workers=2, prefetch=1, lookahead=lookahead)
+        started, start = [], loader._start
+        loader._start = lambda epoch, positions: started.append(epoch) or start(epoch, positions)
+        batches, early = [], []
+        for epoch in range(3):
+            loader.set_epoch(epoch)
+            for batch in loader:
+                batches.append((batch["key"], batch["image"]))
+                early.append(loader._ahead is not None)
+        return batches, started, early
+
+    ahead, started, early = run(True)
+    plain, plain_started, plain_early = run(False)
+    assert [k for k, _ in ahead] == [k for k, _ in plain] and len(plain) == 3 * 8
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ahead, plain))
+    # Each epoch's workers started once, during the epoch before (the last one for an epoch never run).
+    assert started == [0, 1, 2, 3] and plain_started == [0, 1, 2]
+    assert sum(early) >= 3 * 3 and not any(plain_early)  # 2 prefetch windows = 32 of 64 samples: 4 batches early
 
 
 def test_resampling_unreadable_shards_fails_instead_of_spinning(tmp_path):

@@ -150,6 +150,43 @@ def test_siglip_objective_trains(shards, tmp_path):
     trainer = Trainer(exp, tmp_path)
     record = trainer.train()
     assert math.isfinite(record["loss"]) and "logit_bias" in record
+    from vlp.eval.models import load_model
+
+    loaded = load_model(str(tmp_path)).model  # the run folder: its config names no logit bias, the file has one
+    assert torch.equal(loaded.logit_bias, trainer.raw_model.logit_bias.detach())
+
+
+def test_k_captions_per_sample_train_and_a_bad_setting_names_the_key(tmp_path):
+    root = tmp_path / "shards"
+    make_shard_set(root, [16], captions=["a red square", "a blue circle", "a green dot"])
+    exp = experiment(root, data={"caption": "random", "captions_per_sample": 2}, train={"max_steps": 2})
+    trainer = Trainer(exp, tmp_path / "run")
+    batch = next(iter(trainer.loader))
+    assert batch["image"].shape[0] == 8 and batch["text"].shape[0] == 16
+    assert math.isfinite(trainer.train()["loss"])
+    bad = experiment(root, data={"caption": "first", "captions_per_sample": 2})
+    with pytest.raises(ValueError, match="data.captions_per_sample"):
+        Trainer(bad, tmp_path / "bad")
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_default_one(shards, tmp_path):
+    def trained(fused: bool):
+        trainer = Trainer(experiment(shards, optim={"fused": fused}, train={"max_steps": 3}), tmp_path / str(fused))
+        assert bool(trainer.optimizer.defaults["fused"]) == fused
+        trainer.train()
+        return weights(trainer)
+
+    fused, default = trained(True), trained(False)
+    assert all(torch.allclose(fused[k], default[k], atol=1e-5) for k in fused)
+
+
+def test_compiling_one_tower_keeps_plain_checkpoint_names(shards, tmp_path):
+    trainer = Trainer(experiment(shards, model={"compile": "visual"}, train={"max_steps": 2}), tmp_path)
+    assert math.isfinite(trainer.train()["loss"])
+    saved, _ = checkpoint.load(checkpoint.latest(tmp_path))
+    assert set(saved) == set(open_clip.create_model("vlp-tiny-32").state_dict())
+    with pytest.raises(ValueError, match="model.compile: 'vision'"):
+        Trainer(experiment(shards, model={"compile": "vision"}), tmp_path / "bad")
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, tmp_path):

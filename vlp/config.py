@@ -39,6 +39,7 @@ class DataConfig:
     resampled: bool = False
     samples_per_epoch: Optional[int] = None  # resampled or mixed sources only
     caption: str = "first"  # "random": one of json["captions"] per step
+    captions_per_sample: int = 1  # k > 1 with caption "random": k captions per image and step (objectives average)
     drop_last: bool = False  # drop each worker's short last batch (always on with several ranks)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range, as open_clip's default
     draft: bool = True
@@ -53,7 +54,10 @@ class ModelConfig:
     init_logit_bias: Optional[float] = None  # SigLIP: -10
     logit_scale_max: float = 100.0
     grad_checkpointing: bool = False
-    compile: bool = False
+    # torch.compile: true = the whole model; "visual" or "text" = that tower only (compiled in place, so
+    # checkpoints keep plain names). On the 2-core CPU, "visual" made a vlp-r10t-32 step 1.3x faster for ~50 s
+    # of compiling; the text tower compiled no faster there.
+    compile: Union[bool, str] = False
 
 
 @dataclass
@@ -79,6 +83,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     clip_grad: Optional[float] = None
+    # torch's fused AdamW kernel (CPU and CUDA): the same update in one pass over each tensor. On the 2-core CPU it
+    # stepped vlp-r10t-32 (12M parameters) in 14 ms against 95 ms for the default implementation open_clip uses.
+    fused: bool = True
     # Applied in order, later rules override earlier ones. The default keeps weight decay off every tensor of
     # fewer than 2 dimensions (biases, norm and BatchNorm scales, the logit scale and bias), as open_clip does,
     # and off the positional/class embeddings.
@@ -138,7 +145,12 @@ def _build(tp: Any, value: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _build(args[0], value, key)
+        for arg in args[:-1]:  # the first type the value fits; the last one's error is the one reported
+            try:
+                return _build(arg, value, key)
+            except ConfigError:
+                pass
+        return _build(args[-1], value, key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key or 'config'}: expected a mapping, got {value!r}")

@@ -119,8 +119,12 @@ def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() - mean) * inv_std
 
 
-def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random) -> dict:
-    """Pick the image bytes, text and metadata out of a raw sample, or raise :class:`BadSample`."""
+def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random, count: int = 1) -> dict:
+    """Pick the image bytes, text and metadata out of a raw sample, or raise :class:`BadSample`.
+
+    ``count`` > 1 (with ``caption="random"``) also returns ``texts``: that many of json["captions"], distinct
+    while the sample has enough (then drawn again, so every sample gives exactly ``count``); ``text`` is the first.
+    """
     image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if image is None:
         raise BadSample("no_image", raw["__key__"])
@@ -130,10 +134,15 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
             meta = json.loads(raw["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadSample("bad_json", f"{raw['__key__']}: {e}") from e
-    text = None
+    text, texts = None, None
     captions = meta.get("captions")
     if caption == "random" and captions:
-        text = rng.choice(captions)
+        if count > 1:
+            texts = rng.sample(captions, min(count, len(captions)))
+            texts += rng.choices(captions, k=count - len(texts))
+            text = texts[0]
+        else:
+            text = rng.choice(captions)
     elif "txt" in raw:
         try:
             text = raw["txt"].decode("utf-8").strip()
@@ -141,6 +150,8 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
             raise BadSample("text_not_utf8", raw["__key__"]) from e
     if require_text and not text:
         raise BadSample("no_text", raw["__key__"])
+    if count > 1 and texts is None:
+        texts = [text or ""] * count  # a sample without a captions list: its one text, repeated
     label = meta.get("label")
     if label is None and "cls" in raw:
         try:
@@ -150,6 +161,7 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
     return {
         "image": image,
         "text": text or "",
+        "texts": texts,
         "key": raw["__key__"],
         "uid": meta.get("uid", ""),
         "label": -1 if label is None else int(label),

@@ -53,6 +53,7 @@ class StreamOptions:
     samples_per_epoch: int | None = None  # required in resampled mode
     drop_last: bool = False
     caption: str = "first"  # "first": the sample's txt; "random": one of json["captions"] per step
+    captions_per_sample: int = 1  # > 1 (caption "random"): that many captions per image, text rows image-major
     require_text: bool = True
     image: ImageOptions = field(default_factory=ImageOptions)
     normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
@@ -93,6 +94,11 @@ class ShardStream(IterableDataset):
             sources = [Source(sources)]
         if not sources:
             raise ValueError("a stream needs at least one source")
+        if opts.caption not in ("first", "random"):
+            raise ValueError(f"caption must be 'first' or 'random', got {opts.caption!r}")
+        if opts.captions_per_sample < 1 or (opts.captions_per_sample > 1 and opts.caption != "random"):
+            raise ValueError(f"captions_per_sample must be 1, or more with caption 'random'; got "
+                             f"{opts.captions_per_sample} with caption {opts.caption!r}")
         self.opts = opts
         self.tokenizer = tokenizer
         self.shards = [expand(s.shards) for s in sources]
@@ -122,6 +128,14 @@ class ShardStream(IterableDataset):
             return self.opts.samples_per_epoch
         counts = [s.samples for s in self.shards[0]]
         return None if None in counts else sum(counts)
+
+    def slot_samples(self, slot: int, slots: int) -> int | None:
+        """Raw samples that slot ``slot`` of ``slots`` (rank * workers + worker) reads in one epoch, or None."""
+        total = self.num_samples
+        if total is None:
+            return None
+        lo, hi = split_range(total, slot, slots)
+        return hi - lo
 
     # -- raw sample streams -------------------------------------------------------------------------------
     def _slot(self) -> tuple[int, int, int, int]:
@@ -203,7 +217,7 @@ class ShardStream(IterableDataset):
         yield {"skipped": dict(skipped), "worker": slot, "position": position, "end": True}
 
     def _decode(self, sample: dict, rng: random.Random) -> dict:
-        parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng)
+        parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng, self.opts.captions_per_sample)
         parsed["image"] = self.decoder(parsed["image"], rng)
         return parsed
 
@@ -211,11 +225,15 @@ class ShardStream(IterableDataset):
         images = torch.stack([s["image"] for s in batch])
         if self.opts.normalize:
             images = normalize_batch(images, self.opts.image.mean, self.opts.image.std)
-        texts = [s["text"] for s in batch]
+        if self.opts.captions_per_sample > 1:  # B images, then B*k text rows: image i's captions at i*k..i*k+k-1
+            captions = [s["texts"] for s in batch]
+            texts = [t for group in captions for t in group]
+        else:
+            captions = texts = [s["text"] for s in batch]
         out = {
             "image": images,
             "text": self.tokenizer(texts) if self.tokenizer is not None else texts,
-            "caption": texts,
+            "caption": captions,  # per sample: a string, or a list of k with captions_per_sample k
             "uid": [s["uid"] for s in batch],
             "key": [s["key"] for s in batch],
             "kind": [s["kind"] for s in batch],
@@ -257,16 +275,28 @@ class Loader:
     that have ended), whatever order the DataLoader delivers them in. That order, the epoch and each worker's
     position are the whole data state: ``state_dict()`` after any batch, ``load_state_dict()`` on a new Loader,
     and iteration continues with exactly the batch that would have come next.
+
+    With workers and known epoch sizes, the next epoch's workers start (``lookahead``) once the current epoch has
+    at most two prefetch windows of samples left, so that the next epoch's first batches are ready when it
+    begins instead of after a fork and a shuffle-buffer fill. That prefetched epoch starts fresh; a Loader whose
+    state is loaded or whose epoch changes otherwise discards it. What the workers produce does not depend on it.
     """
 
-    def __init__(self, stream: ShardStream, workers: int = 2, prefetch: int = 4, pin_memory: bool = False):
+    def __init__(self, stream: ShardStream, workers: int = 2, prefetch: int = 4, pin_memory: bool = False,
+                 lookahead: bool = True):
         self.stream = stream
         self.workers = workers
+        self.prefetch = prefetch
+        self.lookahead = lookahead and workers > 0
         self.skipped: Counter = Counter()
         self.epoch = stream.epoch
         self._state = self._fresh_state()
+        self._ahead: tuple[int, Iterator] | None = None  # (epoch, its DataLoader iterator): workers running
+        # The loader's own generator: starting workers draws their base seed from it, not from torch's global RNG
+        # (which a lookahead would otherwise advance at a point that depends on timing of the data position).
         self.loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
-                                 pin_memory=pin_memory, prefetch_factor=prefetch if workers > 0 else None)
+                                 pin_memory=pin_memory, prefetch_factor=prefetch if workers > 0 else None,
+                                 generator=torch.Generator().manual_seed(stream.opts.seed))
 
     def _fresh_state(self) -> dict:
         return {"positions": {}, "next": 0, "ended": []}
@@ -285,12 +315,41 @@ class Loader:
                        "next": int(state["next"]), "ended": [int(w) for w in state["ended"]]}
         self.skipped = Counter(state.get("skipped", {}))
 
+    def _slots(self) -> tuple[list[int], int]:
+        workers = max(self.workers, 1)
+        rank0 = self.stream.rank * workers
+        return [rank0 + w for w in range(workers)], self.stream.world_size * workers
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches this rank yields in one epoch if no sample is bad (exact split arithmetic), or None."""
+        order, slots = self._slots()
+        counts = [self.stream.slot_samples(slot, slots) for slot in order]
+        if None in counts:
+            return None
+        size = self.stream.opts.batch_size
+        return sum(n // size if self.stream.opts.drop_last else -(-n // size) for n in counts)
+
+    def close(self) -> None:
+        """Stop the workers of a prefetched next epoch (a run that ends mid-epoch leaves them waiting)."""
+        self._ahead = None
+
+    def _start(self, epoch: int, positions: dict) -> Iterator:
+        # Workers fork (and copy the stream) when the iterator is created: later changes here do not reach them.
+        self.stream.set_epoch(epoch)
+        self.stream.resume_from = dict(positions)
+        return iter(self.loader)
+
     def __iter__(self) -> Iterator[dict]:
         state = self._state
-        self.stream.set_epoch(self.epoch)
-        self.stream.resume_from = dict(state["positions"])
-        rank0 = self.stream.rank * max(self.workers, 1)
-        order = [rank0 + w for w in range(max(self.workers, 1))]
+        ahead, self._ahead = self._ahead, None
+        fresh = not state["positions"] and not state["ended"] and state["next"] == 0
+        source = ahead[1] if ahead is not None and ahead[0] == self.epoch and fresh else None
+        del ahead  # a prefetched epoch that is not this one: its workers shut down
+        if source is None:
+            source = self._start(self.epoch, state["positions"])
+        order, slots = self._slots()
+        sizes = [self.stream.slot_samples(slot, slots) for slot in order]
+        window = 2 * self.prefetch * len(order) * self.stream.opts.batch_size
         pending: dict[int, list[dict]] = {w: [] for w in order}
         ended = set(state["ended"])
 
@@ -301,7 +360,10 @@ class Loader:
                     return w
             return None
 
-        for batch in self.loader:
+        for batch in source:
+            if self.lookahead and self._ahead is None and None not in sizes and \
+                    sum(n - state["positions"].get(w, 0) for w, n in zip(order, sizes)) <= window:
+                self._ahead = (self.epoch + 1, self._start(self.epoch + 1, {}))
             pending[batch["worker"]].append(batch)
             while (w := due()) is not None and pending[w]:
                 item = pending[w].pop(0)

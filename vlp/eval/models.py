@@ -101,11 +101,11 @@ def weights_digest(model: torch.nn.Module, name: str) -> str:
     return h.hexdigest()
 
 
-def _create(name: str, pretrained: str | None, device: str):
+def _create(name: str, pretrained: str | None, device: str, **model_kwargs):
     import open_clip
 
     try:
-        return open_clip.create_model(name, pretrained=pretrained, device=device)
+        return open_clip.create_model(name, pretrained=pretrained, device=device, **model_kwargs)
     except (RuntimeError, KeyError, ValueError, AssertionError) as e:  # open_clip asserts on shape mismatches
         known = "; open_clip.list_models() lists the known configs" if open_clip.get_model_config(name) is None else ""
         raise ModelSpecError(f"cannot build model {name!r} (pretrained={pretrained!r}): {e}{known}") from e
@@ -114,7 +114,19 @@ def _create(name: str, pretrained: str | None, device: str):
 def _from_weights(name: str, weights: Path, device: str, describe: dict) -> OpenClipModel:
     # open_clip's own loader: it strips DDP prefixes, unwraps {"state_dict": ...} and converts known
     # third-party layouts; a mismatch (missing keys, wrong shapes) comes back naming the file and the config.
-    return OpenClipModel(_create(name, str(weights), device), name, describe, device)
+    # A SigLIP-trained checkpoint has a logit bias that the config alone does not create: ask for one (its value
+    # comes from the file).
+    kwargs = {"init_logit_bias": 0.0} if _has_logit_bias(weights) else {}
+    return OpenClipModel(_create(name, str(weights), device, **kwargs), name, describe, device)
+
+
+def _has_logit_bias(weights: Path) -> bool:
+    if weights.suffix != ".safetensors" or not weights.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        return "logit_bias" in f.keys()
 
 
 def _run_folder(folder: Path, model_name: str | None, device: str) -> OpenClipModel:

@@ -4,13 +4,17 @@ Across ranks, features are gathered WITH gradients (``torch.distributed.nn.all_g
 per-rank batch B compute the loss and, after DDP's gradient averaging, the gradient of one process with batch
 N*B. (open_clip's default, gathering without gradients, gives 1/N of that gradient.) ``local_loss`` computes
 only this rank's rows of the logit matrix (memory O(B*N*B) instead of O((N*B)^2)); the gradient is the same.
+
+With k captions per image (``data.captions_per_sample``) the loss is the mean of k ordinary losses, the j-th pairing
+every image with its j-th caption: the images are encoded once, each set of captions keeps the usual negatives
+(the other images' captions of the same set), and no image's own captions ever count as its negatives.
 """
 from __future__ import annotations
 
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from vlp.objectives import Objective, register
+from vlp.objectives import Objective, caption_groups, register
 
 
 @register("clip")
@@ -21,7 +25,9 @@ class ClipObjective(Objective):
                              world_size=world_size)
 
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        image, scale = out["image_features"], out["logit_scale"]
+        groups = caption_groups(image, out["text_features"])
+        loss = sum(self.loss(image, text, scale) for text in groups) / len(groups)
         return loss, {"logit_scale": out["logit_scale"].detach()}
 
 
@@ -34,5 +40,7 @@ class SigLipObjective(Objective):
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         if out.get("logit_bias") is None:
             raise ValueError("objectives.siglip needs a model with a logit bias: set model.init_logit_bias (e.g. -10)")
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+        image, scale, bias = out["image_features"], out["logit_scale"], out["logit_bias"]
+        groups = caption_groups(image, out["text_features"])
+        loss = sum(self.loss(image, text, scale, bias) for text in groups) / len(groups)
         return loss, {"logit_scale": out["logit_scale"].detach(), "logit_bias": out["logit_bias"].detach()}

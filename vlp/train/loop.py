@@ -31,7 +31,6 @@ import vlp.models  # registers vlp's model configs
 from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions
-from vlp.data.stream import split_range
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
@@ -74,26 +73,18 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                          mean=pp["mean"], std=pp["std"])
     opts = StreamOptions(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
-                         drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption, image=image)
+                         drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption,
+                         captions_per_sample=cfg.captions_per_sample, image=image)
     if not cfg.train:
         raise ValueError("data.train: no training source given")
+    if cfg.caption not in ("first", "random"):
+        raise ValueError(f"data.caption: {cfg.caption!r} is not 'first' or 'random'")
+    if cfg.captions_per_sample < 1 or (cfg.captions_per_sample > 1 and cfg.caption != "random"):
+        raise ValueError(f"data.captions_per_sample: {cfg.captions_per_sample} needs to be 1, or more with "
+                         f"data.caption: random (it is {cfg.caption!r})")
     sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
-
-
-def batches_per_epoch(loader: Loader, dist: DistInfo) -> int | None:
-    """Batches this rank's loader yields in one epoch if no sample is bad (exact split arithmetic)."""
-    total, opts = loader.stream.num_samples, loader.stream.opts
-    if total is None:
-        return None
-    workers = max(loader.workers, 1)
-    lo, hi = split_range(total, dist.rank, dist.world_size)
-    count = 0
-    for w in range(workers):
-        a, b = split_range(hi - lo, w, workers)
-        count += (b - a) // opts.batch_size if opts.drop_last else -(-(b - a) // opts.batch_size)
-    return count
 
 
 def _merge_batches(batches: list[dict]) -> dict:
@@ -132,7 +123,7 @@ class Trainer:
                            for o in exp.objectives]
         self.loader = build_loader(exp.data, model, open_clip.get_tokenizer(exp.model.name), self.dist,
                                    exp.train.seed)
-        per_epoch = batches_per_epoch(self.loader, self.dist)
+        per_epoch = self.loader.batches_per_epoch()
         self.steps_per_epoch = per_epoch // exp.train.accum_steps if per_epoch is not None else None
         if exp.train.max_steps is None and not self.steps_per_epoch:
             raise ValueError("train.max_steps is needed: the epoch length is unknown or shorter than one step")
@@ -166,6 +157,7 @@ class Trainer:
             return self.last_record
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.loader.close()
             self.logger.close()
 
     def _run_epoch(self) -> bool:
@@ -276,6 +268,11 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        part = self.exp.model.compile
+        if part in ("visual", "text"):  # in place: parameter names (and so checkpoints) stay plain
+            (model.visual if part == "visual" else getattr(model, "text", None) or model.transformer).compile()
+        elif not isinstance(part, bool):
+            raise ValueError(f"model.compile: {part!r} is not true, false, 'visual' or 'text'")
         if self.exp.train.fsdp:
             if not self.dist.distributed:
                 raise ValueError("train.fsdp needs several processes (torchrun --nproc_per_node N)")
@@ -292,7 +289,7 @@ class Trainer:
         elif self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if self.exp.model.compile:
+        if self.exp.model.compile is True:
             model = torch.compile(model)
         return model
 

@@ -44,7 +44,10 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW over ``param_groups``. Build it after FSDP wrapping, which replaces the parameters."""
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    groups = param_groups(model, cfg)
+    fused = cfg.fused and all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda")
+                              for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
