@@ -59,6 +59,15 @@ class StreamOptions:
     normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
 
 
+def check_caption_options(caption: str, count: int, prefix: str = "") -> None:
+    """``caption`` is "first" or "random"; ``count`` (captions per sample) is 1, or more with "random"."""
+    if caption not in ("first", "random"):
+        raise ValueError(f"{prefix}caption: {caption!r} is not 'first' or 'random'")
+    if count < 1 or (count > 1 and caption != "random"):
+        raise ValueError(f"{prefix}captions_per_sample: {count} needs to be 1, or more with "
+                         f"{prefix}caption: random (it is {caption!r})")
+
+
 def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -94,11 +103,7 @@ class ShardStream(IterableDataset):
             sources = [Source(sources)]
         if not sources:
             raise ValueError("a stream needs at least one source")
-        if opts.caption not in ("first", "random"):
-            raise ValueError(f"caption must be 'first' or 'random', got {opts.caption!r}")
-        if opts.captions_per_sample < 1 or (opts.captions_per_sample > 1 and opts.caption != "random"):
-            raise ValueError(f"captions_per_sample must be 1, or more with caption 'random'; got "
-                             f"{opts.captions_per_sample} with caption {opts.caption!r}")
+        check_caption_options(opts.caption, opts.captions_per_sample)
         self.opts = opts
         self.tokenizer = tokenizer
         self.shards = [expand(s.shards) for s in sources]

@@ -31,6 +31,7 @@ import vlp.models  # registers vlp's model configs
 from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions
+from vlp.data.stream import check_caption_options
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
@@ -77,11 +78,7 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                          captions_per_sample=cfg.captions_per_sample, image=image)
     if not cfg.train:
         raise ValueError("data.train: no training source given")
-    if cfg.caption not in ("first", "random"):
-        raise ValueError(f"data.caption: {cfg.caption!r} is not 'first' or 'random'")
-    if cfg.captions_per_sample < 1 or (cfg.captions_per_sample > 1 and cfg.caption != "random"):
-        raise ValueError(f"data.captions_per_sample: {cfg.captions_per_sample} needs to be 1, or more with "
-                         f"data.caption: random (it is {cfg.caption!r})")
+    check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
     sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
