@@ -161,9 +161,10 @@ def test_k_captions_per_sample_train_and_a_bad_setting_names_the_key(tmp_path):
     make_shard_set(root, [16], captions=["a red square", "a blue circle", "a green dot"])
     exp = experiment(root, data={"caption": "random", "captions_per_sample": 2}, train={"max_steps": 2})
     trainer = Trainer(exp, tmp_path / "run")
-    batch = next(iter(trainer.loader))
-    assert batch["image"].shape[0] == 8 and batch["text"].shape[0] == 16
     assert math.isfinite(trainer.train()["loss"])
+    trainer.loader.set_epoch(1)
+    batch = next(iter(trainer.loader))  # what the objective saw: 8 images, 2 caption rows each
+    assert batch["image"].shape[0] == 8 and batch["text"].shape[0] == 16
     bad = experiment(root, data={"caption": "first", "captions_per_sample": 2})
     with pytest.raises(ValueError, match="data.captions_per_sample"):
         Trainer(bad, tmp_path / "bad")
