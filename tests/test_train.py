@@ -183,6 +183,8 @@ def test_fused_adamw_takes_the_same_steps_as_the_default_one(shards, tmp_path):
 
 def test_compiling_one_tower_keeps_plain_checkpoint_names(shards, tmp_path):
     trainer = Trainer(experiment(shards, model={"compile": "visual"}, train={"max_steps": 2}), tmp_path)
+    assert trainer.raw_model.visual._compiled_call_impl is not None  # nn.Module.compile() ran on the image tower
+    assert trainer.raw_model.transformer._compiled_call_impl is None
     assert math.isfinite(trainer.train()["loss"])
     saved, _ = checkpoint.load(checkpoint.latest(tmp_path))
     assert set(saved) == set(open_clip.create_model("vlp-tiny-32").state_dict())

@@ -267,7 +267,8 @@ class Trainer:
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         part = self.exp.model.compile
         if part in ("visual", "text"):  # in place: parameter names (and so checkpoints) stay plain
-            (model.visual if part == "visual" else getattr(model, "text", None) or model.transformer).compile()
+            text = model.text if hasattr(model, "text") else model.transformer  # CustomTextCLIP or CLIP
+            (model.visual if part == "visual" else text).compile()
         elif not isinstance(part, bool):
             raise ValueError(f"model.compile: {part!r} is not true, false, 'visual' or 'text'")
         if self.exp.train.fsdp:
