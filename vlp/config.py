@@ -55,9 +55,13 @@ class ModelConfig:
     logit_scale_max: float = 100.0
     grad_checkpointing: bool = False
     # torch.compile: true = the whole model; "visual" or "text" = that tower only (compiled in place, so
-    # checkpoints keep plain names). On the 2-core CPU, "visual" made a vlp-r10t-32 step 1.3x faster for ~50 s
-    # of compiling; the text tower compiled no faster there.
+    # checkpoints keep plain names). On the 2-core CPU, "visual" once made a vlp-r10t-32 step 1.3x faster (for
+    # ~50 s of compiling); on a later day it was no faster than eager steps within the host's noise. The text
+    # tower compiled no faster.
     compile: Union[bool, str] = False
+    # image tower and images in channels-last memory order, the layout convolutions prefer on GPUs (and oneDNN on
+    # CPU; on the 2-core CPU no clear difference for vlp-r10t-32); in a ViT only the patch embedding is a convolution
+    channels_last: bool = False
 
 
 @dataclass

@@ -57,6 +57,8 @@ def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **kwargs)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.channels_last:
+        model.visual.to(memory_format=torch.channels_last)
     return model.to(device)
 
 
@@ -183,8 +185,9 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> dict:
         self.model.train()
         lr = set_lr(self.optimizer, self.exp.optim.lr, lr_factor(self.step, self.total_steps, self.exp.schedule))
-        inputs = [(b["image"].to(self.device, non_blocking=True), b["text"].to(self.device, non_blocking=True))
-                  for b in micro]
+        memory_format = torch.channels_last if self.exp.model.channels_last else torch.contiguous_format
+        inputs = [(b["image"].to(self.device, non_blocking=True, memory_format=memory_format),
+                   b["text"].to(self.device, non_blocking=True)) for b in micro]
         if len(micro) == 1:
             with self.autocast:
                 loss, metrics = self._loss(self.model(*inputs[0]), micro[0])
