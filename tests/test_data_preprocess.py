@@ -13,28 +13,37 @@ from PIL import Image
 from vlp.data.preprocess import ImageDecoder, ImageOptions, normalize_batch
 
 
-def smooth_jpeg(size: int = 160) -> bytes:
+def smooth_jpeg(size: int = 160, width: int | None = None) -> bytes:
     """A photo-like image: smooth gradients plus a little texture, so resampling differences stay small."""
-    y, x = np.mgrid[0:size, 0:size] / size
+    width = width or size
+    y, x = np.mgrid[0:size, 0:width] / size
     rng = np.random.default_rng(0)
     channels = [128 + 100 * np.sin(3 * x + c) * np.cos(2 * y - c) for c in range(3)]
-    img = np.stack(channels, -1) + rng.normal(0, 4, (size, size, 3))
+    img = np.stack(channels, -1) + rng.normal(0, 4, (size, width, 3))
     out = io.BytesIO()
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=90)
     return out.getvalue()
 
 
-@pytest.mark.parametrize("size", [32, 64])
-def test_eval_path_matches_open_clip_eval_transform(size):
-    data = smooth_jpeg()
-    ours = ImageDecoder(ImageOptions(size=size, train=False, draft=False))(data, random.Random(0))
+@pytest.mark.parametrize("size,mode", [(32, "shortest"), (64, "shortest"), (32, "squash"), (64, "squash")])
+def test_eval_path_matches_open_clip_eval_transform(size, mode):
+    data = smooth_jpeg(160, width=240)  # not square: the two resize modes keep different pixels
+    ours = ImageDecoder(ImageOptions(size=size, train=False, draft=False, resize_mode=mode))(data, random.Random(0))
     ours = normalize_batch(ours[None], open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)[0]
-    transform = open_clip.image_transform(size, is_train=False)
+    transform = open_clip.image_transform(size, is_train=False, resize_mode=mode)
     theirs = transform(Image.open(io.BytesIO(data)))
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
     diff_255 = ((ours - theirs) * std * 255).abs()
     assert ours.shape == theirs.shape == (3, size, size)
     assert diff_255.mean() < 0.01, f"mean abs difference {diff_255.mean():.2f} (0..255 units)"
+    other = "squash" if mode == "shortest" else "shortest"
+    assert ((transform(Image.open(io.BytesIO(data))) - open_clip.image_transform(size, is_train=False,
+            resize_mode=other)(Image.open(io.BytesIO(data)))) * std * 255).abs().mean() > 1  # the modes differ here
+
+
+def test_an_unknown_resize_mode_is_an_error():
+    with pytest.raises(ValueError, match="resize_mode: 'longest'"):
+        ImageOptions(resize_mode="longest")
 
 
 @pytest.mark.parametrize("size", [32, 64])

@@ -40,13 +40,23 @@ class BadSample(Exception):
 @dataclass
 class ImageOptions:
     size: int = 224
-    train: bool = True  # RandomResizedCrop (open_clip's training transform) vs resize shorter side + center crop
+    train: bool = True  # RandomResizedCrop (open_clip's training transform) vs the eval transform (resize_mode)
     scale: tuple[float, float] = (0.9, 1.0)  # open_clip's AugmentationCfg default
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     draft: bool = True
     hflip: bool = False  # mirror half the training images (captions rarely say left or right)
     mean: tuple[float, ...] = OPENAI_DATASET_MEAN
     std: tuple[float, ...] = OPENAI_DATASET_STD
+    # eval transform, as open_clip's preprocess_cfg names it: "shortest" (resize the shorter side, center crop)
+    # or "squash" (the whole image resized to a square)
+    resize_mode: str = "shortest"
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
+
+
+RESIZE_MODES = ("shortest", "squash")
 
 
 def random_resized_crop_box(width: int, height: int, scale, ratio, rng: random.Random):
@@ -101,6 +111,8 @@ class ImageDecoder:
             raise BadSample("image_decode", f"{type(e).__name__}: {e}") from e
         if self.opts.train:
             box = random_resized_crop_box(width, height, self.opts.scale, self.opts.ratio, rng)
+        elif self.opts.resize_mode == "squash":
+            box = (0, 0, width, height)
         else:
             box = center_crop_box(width, height)
         if img.size != (width, height):  # drafted: the same box, on the smaller pixel grid

@@ -37,7 +37,8 @@ class LoadOptions:
 
 
 def image_options(pre: Preprocess, fast_decode: bool) -> ImageOptions:
-    return ImageOptions(size=pre.size, train=False, mean=pre.mean, std=pre.std, draft=fast_decode)
+    return ImageOptions(size=pre.size, train=False, mean=pre.mean, std=pre.std, draft=fast_decode,
+                        resize_mode=pre.resize_mode)
 
 
 class ImageSet(ABC):

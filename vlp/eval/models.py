@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import vlp.models  # noqa: F401 - registers vlp's configs (vlp-tiny-32, ...) with open_clip
+from vlp.data.preprocess import RESIZE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ class ModelSpecError(ValueError):
 
 @dataclass(frozen=True)
 class Preprocess:
-    """What the eval transform needs from a model: input size and normalisation."""
+    """What the eval transform needs from a model: input size, normalisation and how the image becomes square."""
     size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_mode: str = "shortest"
 
 
 @dataclass
@@ -83,11 +85,16 @@ def _preprocess(model: torch.nn.Module, name: str) -> Preprocess:
         if len(set(size)) != 1:
             raise ModelSpecError(f"{name}: non-square input {size} is not supported by vlp's eval transform")
         size = size[0]
-    for key, ours in (("interpolation", "bicubic"), ("resize_mode", "shortest")):
-        if cfg.get(key, ours) != ours:
-            log.warning("%s asks for %s=%s; vlp's eval transform uses %s, figures may differ slightly",
-                        name, key, cfg[key], ours)
-    return Preprocess(int(size), tuple(float(x) for x in cfg["mean"]), tuple(float(x) for x in cfg["std"]))
+    resize_mode = cfg.get("resize_mode", "shortest")
+    if resize_mode not in RESIZE_MODES:
+        log.warning("%s asks for resize_mode=%s; vlp's eval transform has %s and uses shortest, figures may differ",
+                    name, resize_mode, ", ".join(RESIZE_MODES))
+        resize_mode = "shortest"
+    if cfg.get("interpolation", "bicubic") != "bicubic":
+        log.warning("%s asks for interpolation=%s; vlp's eval transform uses bicubic, figures may differ slightly",
+                    name, cfg["interpolation"])
+    return Preprocess(int(size), tuple(float(x) for x in cfg["mean"]), tuple(float(x) for x in cfg["std"]),
+                      resize_mode)
 
 
 def weights_digest(model: torch.nn.Module, name: str) -> str:
