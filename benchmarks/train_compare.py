@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/train_compare.py                       # the 3 epochs, warmup 30
     .venv/bin/python benchmarks/train_compare.py --epochs 1 --warmup 12
-    .venv/bin/python benchmarks/train_compare.py --fast                # also vlp's own recipe, configs/flickr8k-fast.yaml
-    .venv/bin/python benchmarks/train_compare.py --fast --no-parity --fast-steps 650   # open_clip_train and the recipe only
+    .venv/bin/python benchmarks/train_compare.py --fast                # also vlp's recipe, configs/flickr8k-fast.yaml
+    .venv/bin/python benchmarks/train_compare.py --fast --no-parity    # open_clip_train and the recipe only
 
 What it does, one step after the other (never two trainings at once, so wall times are comparable):
 1. writes the Flickr8k train shards (30,000 samples, one per caption) into ``--out/shards`` if missing, and with

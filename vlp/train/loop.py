@@ -185,7 +185,7 @@ class Trainer:
     def train_step(self, micro: list[dict]) -> dict:
         self.model.train()
         lr = set_lr(self.optimizer, self.exp.optim.lr, lr_factor(self.step, self.total_steps, self.exp.schedule))
-        memory_format = torch.channels_last if self.exp.model.channels_last else torch.contiguous_format
+        memory_format = torch.channels_last if self.exp.model.channels_last else torch.preserve_format
         inputs = [(b["image"].to(self.device, non_blocking=True, memory_format=memory_format),
                    b["text"].to(self.device, non_blocking=True)) for b in micro]
         if len(micro) == 1:
