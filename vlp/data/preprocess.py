@@ -37,6 +37,9 @@ class BadSample(Exception):
         self.reason = reason
 
 
+RESIZE_MODES = ("shortest", "squash")  # open_clip's preprocess_cfg names; its "longest" (padding) is not here
+
+
 @dataclass
 class ImageOptions:
     size: int = 224
@@ -54,9 +57,6 @@ class ImageOptions:
     def __post_init__(self):
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode: {self.resize_mode!r} is not one of {', '.join(RESIZE_MODES)}")
-
-
-RESIZE_MODES = ("shortest", "squash")
 
 
 def random_resized_crop_box(width: int, height: int, scale, ratio, rng: random.Random):

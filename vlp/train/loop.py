@@ -275,6 +275,9 @@ class Trainer:
         elif not isinstance(part, bool):
             raise ValueError(f"model.compile: {part!r} is not true, false, 'visual' or 'text'")
         if self.exp.train.fsdp:
+            if self.exp.model.channels_last:  # FSDP2 shards only contiguous parameters (torch 2.14)
+                raise ValueError("model.channels_last cannot be combined with train.fsdp: FSDP does not shard "
+                                 "channels-last parameters")
             if not self.dist.distributed:
                 raise ValueError("train.fsdp needs several processes (torchrun --nproc_per_node N)")
             from torch.distributed.fsdp import fully_shard
