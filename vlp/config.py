@@ -60,7 +60,8 @@ class ModelConfig:
     # tower compiled no faster.
     compile: Union[bool, str] = False
     # image tower and images in channels-last memory order, the layout convolutions prefer on GPUs (and oneDNN on
-    # CPU; on the 2-core CPU no clear difference for vlp-r10t-32); in a ViT only the patch embedding is a convolution
+    # CPU; on the 2-core CPU no clear difference for vlp-r10t-32); in a ViT only the patch embedding is a convolution.
+    # Not with train.fsdp (FSDP shards only contiguous parameters).
     channels_last: bool = False
 
 
