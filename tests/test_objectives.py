@@ -44,3 +44,21 @@ def test_text_rows_that_are_not_a_multiple_of_the_images_are_an_error():
     with pytest.raises(ValueError, match="7 text features for 3 images"):
         clip({"image_features": torch.randn(3, 8), "text_features": torch.randn(7, 8),
               "logit_scale": torch.tensor(1.0)}, {})
+
+
+def test_clip_label_smoothing_spreads_the_target_over_the_row():
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    out = {"image_features": image, "text_features": text, "logit_scale": torch.tensor(10.0)}
+    plain = build_objective("clip", {})(out, {})[0]
+    smooth = build_objective("clip", {"label_smoothing": 0.2})(out, {})[0]
+    logits = 10.0 * image @ text.T
+    by_hand = 0.0
+    for rows in (logits, logits.T):  # target: 0.8 on the pair + 0.2 spread evenly over the 6 columns
+        logp = rows.log_softmax(dim=-1)
+        by_hand = by_hand + (-(0.8 * logp.diagonal()) - 0.2 * logp.mean(dim=-1)).mean() / 2
+    assert torch.allclose(smooth, by_hand, atol=1e-6)
+    assert not torch.allclose(smooth, plain, atol=1e-3)
+    with pytest.raises(ValueError, match="label_smoothing: 1.0"):
+        build_objective("clip", {"label_smoothing": 1.0})

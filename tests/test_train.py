@@ -38,8 +38,9 @@ def shards(tmp_path_factory):
     return root
 
 
-def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path):
-    exp = experiment(shards, data={"workers": 2}, train={"checkpoint_every": 100})
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, ema):
+    exp = experiment(shards, data={"workers": 2}, train={"checkpoint_every": 100, "ema": ema})
     full = Trainer(exp, tmp_path / "full")
     full.train()
     assert full.step == 12 and full.epoch == 1  # 2 workers x 20 samples: batches of 8, 8, 4 each
@@ -61,6 +62,52 @@ def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path):
     resumed.train()
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must follow the uninterrupted one exactly"
+    if ema:  # the average too, and its update count (which sets the warm-up decay)
+        assert resumed.ema.updates == full.ema.updates == 12
+        assert all(torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]) for k in a)
+
+
+def test_ema_checkpoint_holds_the_average_and_the_online_weights_beside_it(shards, tmp_path):
+    trainer = Trainer(experiment(shards, train={"max_steps": 4, "ema": 0.5}), tmp_path)
+    expected = {k: v.clone() for k, v in weights(trainer).items() if v.is_floating_point()}
+    real_step = trainer.train_step
+
+    def step_and_average(micro):  # the recurrence by hand: decay min(0.5, (1 + n) / (10 + n)) at update n
+        record = real_step(micro)
+        n = trainer.ema.updates
+        decay = min(0.5, (1 + n) / (10 + n))
+        for k, v in weights(trainer).items():
+            if k in expected:
+                expected[k] = decay * expected[k] + (1 - decay) * v
+        return record
+
+    trainer.train_step = step_and_average
+    trainer.train()
+    assert [min(0.5, (1 + n) / (10 + n)) for n in (1, 2, 3, 4)] == [2 / 11, 3 / 12, 4 / 13, 5 / 14]
+    path = checkpoint.latest(tmp_path)
+    average, online = checkpoint.load(path)[0], checkpoint.load_online(path)
+    final = weights(trainer)
+    assert all(torch.equal(online[k], final[k]) for k in final)
+    moved = 0
+    for k in expected:
+        assert torch.allclose(average[k], expected[k], atol=1e-6), k
+        moved += not torch.allclose(average[k], final[k], atol=1e-4)
+    assert moved > len(expected) // 2, "the average must differ from the last weights"
+    # the average is a plain open_clip checkpoint too
+    model = open_clip.create_model("vlp-tiny-32", pretrained=str(path / "model.safetensors"))
+    assert torch.equal(model.state_dict()["text_projection"], average["text_projection"])
+    # evaluation sees the average, training keeps its own weights
+    with trainer.ema.applied(trainer.raw_model) as m:
+        assert torch.equal(m.text_projection, average["text_projection"])
+    assert torch.equal(trainer.raw_model.text_projection, final["text_projection"])
+
+
+def test_ema_settings_that_cannot_work_are_errors(shards, tmp_path):
+    with pytest.raises(ValueError, match="train.ema: 1.5"):
+        Trainer(experiment(shards, train={"max_steps": 1, "ema": 1.5}), tmp_path / "a")
+    Trainer(experiment(shards, train={"max_steps": 1}), tmp_path / "b").train()
+    with pytest.raises(ValueError, match="without an EMA"):  # resuming a plain run with an EMA
+        Trainer(experiment(shards, train={"max_steps": 2, "ema": 0.9}), tmp_path / "b")
 
 
 def test_accumulation_gives_the_big_batch_gradient(shards, tmp_path):

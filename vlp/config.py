@@ -121,6 +121,7 @@ class TrainConfig:
     fsdp: bool = False
     local_loss: bool = False
     threads: Optional[int] = None  # torch threads of each process on CPU; None keeps torch's default
+    ema: Optional[float] = None  # decay per step of an average of the weights (e.g. 0.995); see vlp/train/ema.py
 
 
 @dataclass

@@ -12,6 +12,7 @@ every image with its j-th caption: the images are encoded once, each set of capt
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from vlp.objectives import Objective, caption_groups, register
@@ -19,15 +20,29 @@ from vlp.objectives import Objective, caption_groups, register
 
 @register("clip")
 class ClipObjective(Objective):
-    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False):
+    """``label_smoothing`` (option, default 0): each row's target keeps 1 - s on its pair and spreads s evenly
+    over all columns, as ``torch.nn.functional.cross_entropy(label_smoothing=s)`` does."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False, label_smoothing: float = 0.0):
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"objectives.clip.options.label_smoothing: {label_smoothing} is not in [0, 1)")
+        self.label_smoothing = label_smoothing
         self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=True, cache_labels=True, rank=rank,
                              world_size=world_size)
+
+    def _pair_loss(self, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        if not self.label_smoothing:
+            return self.loss(image, text, scale)
+        per_image, per_text = self.loss.get_logits(image, text, scale)
+        labels = self.loss.get_ground_truth(image.device, per_image.shape[0])
+        return (F.cross_entropy(per_image, labels, label_smoothing=self.label_smoothing)
+                + F.cross_entropy(per_text, labels, label_smoothing=self.label_smoothing)) / 2
 
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         image, scale = out["image_features"], out["logit_scale"]
         groups = caption_groups(image, out["text_features"])
-        loss = sum(self.loss(image, text, scale) for text in groups) / len(groups)
+        loss = sum(self._pair_loss(image, text, scale) for text in groups) / len(groups)
         return loss, {"logit_scale": out["logit_scale"].detach()}
 
 

@@ -1,7 +1,8 @@
 """Checkpoints: written atomically, the newest K kept, loaded without running pickled code.
 
 ``<run>/checkpoints/step-000100/`` holds ``model.safetensors`` (a plain open_clip state dict: it loads in
-``open_clip.create_model_and_transforms(name, pretrained=path)``), ``training.pt`` (optimizer, scaler, step,
+``open_clip.create_model_and_transforms(name, pretrained=path)``; with ``train.ema`` it is the average of the
+weights, and ``online.safetensors`` holds the weights the optimizer moves), ``training.pt`` (optimizer, scaler, step,
 epoch, RNG states and every rank's data position; read with ``weights_only=True``) and ``config.yaml``. The
 folder is written as ``.step-000100.partial`` and renamed when complete; ``latest`` (a one-line file, replaced
 atomically) names the newest complete checkpoint. A write killed half-way never replaces a good checkpoint.
@@ -18,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
+MODEL = "model.safetensors"  # the weights to use: the EMA of the weights when the run keeps one
+ONLINE = "online.safetensors"  # only with an EMA: the weights the optimizer moves (a resumed run goes on from them)
 
 
 def rng_state() -> dict:
@@ -37,14 +40,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, model_state: dict, training_state: dict, config_yaml: str, keep: int) -> Path:
+def save(run_dir: Path, step: int, model_state: dict, training_state: dict, config_yaml: str, keep: int,
+         online_state: dict | None = None) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
     final, partial = root / name, root / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, partial / "model.safetensors")
+    for state, file in ((model_state, MODEL), (online_state, ONLINE)):
+        if state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, partial / file)
     torch.save(training_state, partial / "training.pt")
     (partial / "config.yaml").write_text(config_yaml)
     for f in partial.iterdir():
@@ -72,6 +78,12 @@ def latest(run_dir: Path) -> Path | None:
 def load(path: Path) -> tuple[dict, dict]:
     """(model state dict, training state) of a checkpoint folder."""
     path = Path(path)
-    if not (path / "model.safetensors").exists():
-        raise FileNotFoundError(f"{path} is not a vlp checkpoint (no model.safetensors)")
-    return load_file(path / "model.safetensors"), torch.load(path / "training.pt", weights_only=True)
+    if not (path / MODEL).exists():
+        raise FileNotFoundError(f"{path} is not a vlp checkpoint (no {MODEL})")
+    return load_file(path / MODEL), torch.load(path / "training.pt", weights_only=True)
+
+
+def load_online(path: Path) -> dict | None:
+    """The optimizer's weights of a checkpoint whose run keeps an EMA (None for other checkpoints)."""
+    path = Path(path) / ONLINE
+    return load_file(path) if path.exists() else None

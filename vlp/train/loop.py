@@ -35,6 +35,7 @@ from vlp.data.stream import check_caption_options
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
+from vlp.train.ema import WeightEMA
 from vlp.train.logger import RunLogger, plot_loss
 from vlp.train.optim import build_optimizer, freeze_parameters, lr_factor, set_lr
 
@@ -117,6 +118,7 @@ class Trainer:
         self.replicated: set[torch.nn.Parameter] = set()  # parameters outside FSDP's sharding
         self.model = self._wrap(model)
         self.optimizer = build_optimizer(model, exp.optim)
+        self.ema = self._build_ema(model)
         self.objectives = [(o.weight, o.name, build_objective(o.name, o.options, self.dist.rank,
                                                               self.dist.world_size, local_loss=exp.train.local_loss))
                            for o in exp.objectives]
@@ -222,6 +224,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.raw_model.logit_scale.clamp_(0, math.log(self.exp.model.logit_scale_max))
+        if self.ema is not None:
+            self.ema.update(self.raw_model)
         return {"loss": self._global_loss, "lr": lr, **{k: float(v) for k, v in metrics.items()}}
 
     # -- pieces --------------------------------------------------------------------------------------------
@@ -297,6 +301,13 @@ class Trainer:
             model = torch.compile(model)
         return model
 
+    def _build_ema(self, model: torch.nn.Module) -> WeightEMA | None:
+        if self.exp.train.ema is None:
+            return None
+        if self.exp.train.fsdp:  # the average would have to be sharded like the weights: not written yet
+            raise ValueError("train.ema cannot be combined with train.fsdp yet")
+        return WeightEMA(model, self.exp.train.ema)
+
     def _seed(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed)
@@ -318,8 +329,12 @@ class Trainer:
             state = {"step": self.step, "epoch": self.epoch, "optimizer": optim_state,
                      "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
                      "data": json.dumps(data_states), "world_size": self.dist.world_size}
+            online = None
+            if self.ema is not None:  # model.safetensors holds the average; the optimizer's weights go beside it
+                model_state, online = self.ema.state_dict(), model_state
+                state["ema_updates"] = self.ema.updates
             checkpoint.save(self.run_dir, self.step, model_state, state, to_yaml(self.exp),
-                            self.exp.train.keep_checkpoints)
+                            self.exp.train.keep_checkpoints, online_state=online)
         barrier(self.dist)
 
     def _resume(self) -> None:
@@ -330,6 +345,13 @@ class Trainer:
         if path is None:
             return
         model_state, state = checkpoint.load(path)
+        online = checkpoint.load_online(path)
+        if (online is None) != (self.ema is None):
+            raise ValueError(f"{path}: a checkpoint {'without' if online is None else 'with'} an EMA of the weights "
+                             f"cannot resume a run with train.ema: {self.exp.train.ema}")
+        if self.ema is not None:
+            self.ema.load_state_dict(model_state, int(state["ema_updates"]))
+            model_state = online
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
         set_model_state_dict(self.raw_model, model_state, options=options)
         set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=options)
@@ -352,9 +374,10 @@ class Trainer:
         from vlp.eval.suite import run_suite_for_training
 
         self.model.eval()
-        results = run_suite_for_training(self.raw_model, self.exp.model.name, self.exp.eval.suite,
-                                         self.run_dir / "eval" / f"step-{self.step:07d}",
-                                         batch_size=self.exp.eval.batch_size, device=self.device)
+        with self.ema.applied(self.raw_model) if self.ema is not None else contextlib.nullcontext():
+            results = run_suite_for_training(self.raw_model, self.exp.model.name, self.exp.eval.suite,
+                                             self.run_dir / "eval" / f"step-{self.step:07d}",
+                                             batch_size=self.exp.eval.batch_size, device=self.device)
         self.logger.log(self.step, {"epoch": self.epoch, "eval": results})
         barrier(self.dist)
         return results
