@@ -44,6 +44,7 @@ class DataConfig:
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range, as open_clip's default
     draft: bool = True
     hflip: bool = False  # random horizontal flip (data augmentation)
+    in_memory: bool = False  # decode one source's samples once and keep them in RAM (vlp/data/memory.py)
 
 
 @dataclass

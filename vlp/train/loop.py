@@ -82,6 +82,13 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
     if not cfg.train:
         raise ValueError("data.train: no training source given")
     check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
+    if cfg.in_memory:
+        if len(cfg.train) > 1 or cfg.resampled:
+            raise ValueError("data.in_memory holds one source read in epochs: not for several data.train sources "
+                             "or data.resampled")
+        from vlp.data.memory import MemoryLoader
+
+        return MemoryLoader(resolve_shards(cfg.train[0].shards), opts, tokenizer, dist.rank, dist.world_size)
     sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")

@@ -1,0 +1,134 @@
+"""data.in_memory: every sample once per epoch over ranks, exact resume, captions, crops close to PIL's, bad samples."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_sample, make_shard_set, write_tar
+from vlp.data.memory import MemoryLoader
+from vlp.data.preprocess import ImageOptions
+from vlp.data.stream import StreamOptions
+
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
+
+
+def options(**kw) -> StreamOptions:
+    image = ImageOptions(size=kw.pop("size", 16), scale=kw.pop("scale", (0.5, 1.0)), hflip=kw.pop("hflip", True))
+    return StreamOptions(batch_size=kw.pop("batch_size", 8), seed=kw.pop("seed", 3), image=image, **kw)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory-shards")
+    uids = make_shard_set(root, [13, 12])
+    return str(root / "{00000..00001}.tar"), uids
+
+
+def test_every_sample_once_per_epoch_over_two_ranks_and_a_new_order_each_epoch(shards):
+    spec, uids = shards
+    loaders = [MemoryLoader(spec, options(), TOKENIZER, rank=r, world_size=2) for r in range(2)]
+    assert [ld.batches_per_epoch() for ld in loaders] == [2, 2]  # 13 and 12 samples in batches of 8
+    epochs = []
+    for epoch in range(2):
+        seen = [[u for b in ld for u in b["uid"]] for ld in loaders]
+        assert abs(len(seen[0]) - len(seen[1])) <= 1
+        assert sorted(seen[0] + seen[1]) == sorted(uids)
+        epochs.append(seen[0] + seen[1])
+        assert all(ld.epoch == epoch + 1 for ld in loaders)
+    assert epochs[0] != epochs[1]
+
+
+def test_a_resumed_loader_gives_exactly_the_batches_that_came_next(shards):
+    spec, _ = shards
+    full = MemoryLoader(spec, options(batch_size=4), TOKENIZER)
+    batches = [b for _ in range(2) for b in full]  # two epochs of 7 batches
+    part = MemoryLoader(spec, options(batch_size=4), TOKENIZER)
+    it = iter(part)
+    for _ in range(3):
+        next(it)
+    state = json.loads(json.dumps(part.state_dict()))  # as a checkpoint stores it
+    resumed = MemoryLoader(spec, options(batch_size=4), TOKENIZER)
+    resumed.load_state_dict(state)
+    rest = list(resumed) + list(resumed)
+    for a, b in zip(batches[3:], rest):
+        assert a["uid"] == b["uid"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+    assert len(rest) == 7 - 3 + 7
+
+
+def test_random_captions_come_from_the_samples_list_and_k_per_image_are_distinct(tmp_path):
+    caps = [f"caption {i} of sample {{}}" for i in range(5)]
+    samples = [make_sample(f"k{i:03d}", i, captions=[c.format(i) for c in caps]) for i in range(10)]
+    write_tar(tmp_path / "a.tar", samples)
+    loader = MemoryLoader(str(tmp_path / "a.tar"), options(caption="random", captions_per_sample=3, batch_size=10),
+                          TOKENIZER)
+    batch = next(iter(loader))
+    assert batch["text"].shape[0] == 30  # image-major: 3 text rows per image
+    for key, texts, row in zip(batch["key"], batch["caption"], range(10)):
+        number = int(key[1:])
+        assert len(set(texts)) == 3 and all(t.endswith(f"sample {number}") for t in texts)
+        assert torch.equal(batch["text"][3 * row], TOKENIZER([texts[0]])[0])
+
+
+def test_the_crop_is_close_to_pil_bicubic_of_the_same_box(tmp_path):
+    # a smooth image (gradients and a disc), as photos are at this scale; the crop covers the whole image
+    y, x = np.mgrid[0:64, 0:64]
+    img = np.stack([x * 4, y * 4, 255 * ((x - 30) ** 2 + (y - 34) ** 2 < 200)], -1).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    write_tar(tmp_path / "a.tar", [{"__key__": "x", "png": buf.getvalue(), "txt": b"a disc"}])
+    loader = MemoryLoader(str(tmp_path / "a.tar"), options(size=32, scale=(1.0, 1.0), hflip=False, normalize=False,
+                                                           batch_size=1), TOKENIZER)
+    loader.opts.image.ratio = (1.0, 1.0)
+    ours = next(iter(loader))["image"][0].permute(1, 2, 0).numpy().astype(float)
+    pil = np.asarray(Image.fromarray(img).resize((32, 32), Image.BICUBIC)).astype(float)
+    diff = np.abs(ours - pil)
+    assert diff.mean() < 1.0, diff.mean()  # in 0..255 levels; measured 0.24 (at most 25, on the disc's edge)
+    assert np.abs(ours - pil[:, ::-1]).mean() > 10  # the comparison tells a mirrored image (measured 46)
+
+
+def test_bad_samples_are_skipped_and_counted_and_an_empty_source_is_an_error(tmp_path):
+    good = [make_sample(f"g{i}", i) for i in range(5)]
+    broken = {"__key__": "bad", "jpg": b"not a jpeg", "txt": b"x"}
+    write_tar(tmp_path / "a.tar", good[:2] + [broken] + good[2:])
+    loader = MemoryLoader(str(tmp_path / "a.tar"), options(), TOKENIZER)
+    assert loader.num_samples == 5 and loader.skipped == {"image_decode": 1}
+    write_tar(tmp_path / "b.tar", [broken])
+    with pytest.raises(ValueError, match="data.in_memory: no readable sample in .*b.tar"):
+        MemoryLoader(str(tmp_path / "b.tar"), options(), TOKENIZER)
+
+
+def test_a_stream_position_cannot_resume_an_in_memory_loader(shards):
+    loader = MemoryLoader(shards[0], options(), TOKENIZER)
+    with pytest.raises(ValueError, match="same data.in_memory setting"):
+        loader.load_state_dict({"epoch": 0, "positions": {}, "next": 0, "ended": []})
+
+
+def test_flips_mirror_about_half_the_crops(shards):
+    loader = MemoryLoader(shards[0], options(scale=(1.0, 1.0), batch_size=25, normalize=False), TOKENIZER)
+    loader.opts.image.ratio = (1.0, 1.0)
+    flipped = next(iter(loader))["image"]
+    loader.opts.image.hflip = False
+    loader.load_state_dict({"epoch": 0, "next_batch": 0})
+    plain = next(iter(loader))["image"]
+    mirrored = sum(torch.equal(a, b.flip(-1)) and not torch.equal(a, b) for a, b in zip(flipped, plain))
+    same = sum(torch.equal(a, b) for a, b in zip(flipped, plain))
+    assert mirrored + same == 25 and 5 <= mirrored <= 20
+
+
+def test_several_sources_or_resampling_in_memory_are_config_errors(shards, tmp_path):
+    from vlp.config import experiment_from_dict
+    from vlp.train.loop import Trainer
+
+    for data in ({"train": [{"shards": shards[0]}, {"shards": shards[0]}], "samples_per_epoch": 10},
+                 {"train": [{"shards": shards[0]}], "resampled": True, "samples_per_epoch": 10}):
+        exp = experiment_from_dict({"name": "m", "data": {**data, "in_memory": True, "workers": 0},
+                                    "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
+        with pytest.raises(ValueError, match="data.in_memory holds one source"):
+            Trainer(exp, tmp_path)

@@ -1,0 +1,189 @@
+"""A training set held in memory (``data.in_memory: true``): decoded and tokenised once, then batches are nearly free.
+
+For sets that fit in RAM (Flickr8k's 6,000 training images at 64 px take 74 MB as uint8), the streaming loader's
+work per sample (tar headers, JPEG decoding, cropping, tokenising: about 80 ms of CPU per batch of 128 on the
+2-core machine) runs in worker processes that take cores from the training step. Here it runs once, at start-up;
+per batch there is one ``torchvision.ops.roi_align`` call for all the crops.
+
+Same semantics as the stream's epoch mode, with a data state of its own:
+- every sample once per epoch, in an order shuffled with ``seed`` and the epoch, the same on every rank; rank r
+  of W takes the r-th of W equal parts, so ranks differ by at most one sample;
+- the crop boxes (torchvision's RandomResizedCrop parameters, ``data.scale``), flips and captions of a batch are
+  drawn from a generator seeded with (seed, epoch, rank, batch), so ``state_dict()`` is just (epoch, next batch)
+  and a resumed run sees exactly the batches an uninterrupted one would;
+- unreadable samples are skipped and counted at load time (``skipped``).
+The crop is resampled with roi_align (bilinear, with as many samples per output pixel as the box is larger than
+the output: an area-like filter) instead of PIL's bicubic: on a smooth 64 px test image shrunk to 32 px the two
+differ by 0.24 grey levels on average (``tests/test_data_memory.py``).
+Not for resampled or mixed sources (they stream).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import time
+from collections import Counter
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import roi_align
+
+from vlp.data.preprocess import BadSample, normalize_batch, parse_sample, random_resized_crop_box
+from vlp.data.shards import expand, iter_raw_samples
+from vlp.data.stream import StreamOptions, check_caption_options, split_range
+
+log = logging.getLogger(__name__)
+
+
+class MemoryLoader:
+    """The interface of :class:`vlp.data.Loader` (iteration, epochs, state, ``skipped``) over samples in memory."""
+
+    def __init__(self, shards: str | list[str], opts: StreamOptions, tokenizer: Callable, rank: int = 0,
+                 world_size: int = 1):
+        check_caption_options(opts.caption, opts.captions_per_sample)
+        if not opts.image.train:
+            raise ValueError("data.in_memory makes training batches (random crops) only")
+        self.opts, self.rank, self.world_size = opts, rank, world_size
+        self.skipped: Counter = Counter()
+        self.epoch, self.next_batch = 0, 0
+        self._load(shards, tokenizer)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def _load(self, shards, tokenizer) -> None:
+        start = time.time()
+        size = self.opts.image.size
+        min_crop = math.sqrt(self.opts.image.scale[0] * min(self.opts.image.ratio))  # smallest crop side / image side
+        need = math.ceil(size / min_crop)  # decode JPEGs at the smallest DCT scale that keeps every crop sharp
+        images, captions, rows = [], [], []
+
+        def on_error(reason, where):
+            self.skipped[reason] += 1
+            log.warning("%s: %s", reason, where)
+
+        for shard in expand(shards):
+            for raw in iter_raw_samples(shard.url, on_error=on_error):
+                try:
+                    parsed = parse_sample(raw, self.opts.require_text, "first", random.Random(0))
+                    images.append(_decode(parsed["image"], need, self.opts.image.draft))
+                except BadSample as e:
+                    on_error(e.reason, f"{raw.get('__url__')}: {raw['__key__']}")
+                    continue
+                texts = parsed["meta"].get("captions") if self.opts.caption == "random" else None
+                captions.append(list(texts) if texts else [parsed["text"]])
+                parsed.pop("image")
+                rows.append(parsed)
+        if not rows:
+            raise ValueError(f"data.in_memory: no readable sample in {shards}")
+        self.sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])  # (h, w) as decoded
+        h, w = self.sizes.max(0).values.tolist()
+        self.images = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)  # top-left aligned, padded
+        for i, im in enumerate(images):
+            self.images[i, :, :im.shape[1], :im.shape[2]] = im
+        flat = [c for cs in captions for c in cs]
+        self.tokens = tokenizer(flat)
+        self.first_caption = torch.tensor(np.cumsum([0] + [len(cs) for cs in captions[:-1]]))
+        self.caption_counts = [len(cs) for cs in captions]
+        self.captions, self.rows = captions, rows
+        mb = self.images.numel() / 2 ** 20
+        log.info("data.in_memory: %d samples (%d captions) in %.0f MB, loaded in %.1f s; skipped %s",
+                 len(rows), len(flat), mb, time.time() - start, dict(self.skipped) or "none")
+
+    # -- the Loader interface --------------------------------------------------------------------------------
+    @property
+    def num_samples(self) -> int:
+        return len(self.rows)
+
+    def _rank_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.num_samples, generator=generator) if self.opts.shuffle_buffer else \
+            torch.arange(self.num_samples)
+        lo, hi = split_range(self.num_samples, self.rank, self.world_size)
+        return order[lo:hi]
+
+    def batches_per_epoch(self) -> int:
+        lo, hi = split_range(self.num_samples, self.rank, self.world_size)
+        n, size = hi - lo, self.opts.batch_size
+        return n // size if self.opts.drop_last else -(-n // size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.next_batch = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "next_batch": self.next_batch, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "next_batch" not in state:
+            raise ValueError("this data position comes from the streaming loader, not data.in_memory: "
+                             "resume with the same data.in_memory setting")
+        self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
+        self.skipped = Counter(state.get("skipped", {}))
+
+    def close(self) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[dict]:
+        order = self._rank_order(self.epoch)
+        size = self.opts.batch_size
+        for b in range(self.next_batch, self.batches_per_epoch()):
+            self.next_batch = b + 1
+            yield self._batch(order[b * size:(b + 1) * size], b)
+        self.set_epoch(self.epoch + 1)
+
+    # -- one batch ---------------------------------------------------------------------------------------------
+    def _batch(self, indices: torch.Tensor, number: int) -> dict:
+        opts = self.opts
+        rng = random.Random(f"{opts.seed}/{self.epoch}/{self.rank}/{number}")
+        idx = indices.tolist()
+        boxes, flips, picks = [], [], []
+        for j, i in enumerate(idx):
+            h, w = self.sizes[i].tolist()
+            left, top, right, bottom = random_resized_crop_box(w, h, opts.image.scale, opts.image.ratio, rng)
+            boxes.append([j, left, top, right, bottom])
+            flips.append(opts.image.hflip and rng.random() < 0.5)
+            count = self.caption_counts[i]
+            if opts.caption == "random":
+                k = opts.captions_per_sample
+                chosen = rng.sample(range(count), min(k, count))
+                picks.append(chosen + rng.choices(range(count), k=k - len(chosen)))
+            else:
+                picks.append([0] * opts.captions_per_sample)
+        images = roi_align(self.images[idx].float(), torch.tensor(boxes, dtype=torch.float32),
+                           output_size=opts.image.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        flipped = torch.tensor(flips)
+        if flipped.any():
+            images[flipped] = images[flipped].flip(-1)
+        images = images.round_().clamp_(0, 255)  # the uint8 pixel grid the stream's crops have
+        images = normalize_batch(images, opts.image.mean, opts.image.std) if opts.normalize else images.byte()
+        token_rows = [int(self.first_caption[i]) + c for i, chosen in zip(idx, picks) for c in chosen]
+        texts = [self.captions[i][c] for i, chosen in zip(idx, picks) for c in chosen]
+        rows = [self.rows[i] for i in idx]
+        k = opts.captions_per_sample
+        return {
+            "image": images,
+            "text": self.tokens[token_rows],
+            "caption": texts if k == 1 else [texts[j * k:(j + 1) * k] for j in range(len(idx))],
+            "uid": [r["uid"] for r in rows],
+            "key": [r["key"] for r in rows],
+            "kind": [r["kind"] for r in rows],
+            "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),
+            "identity": torch.tensor([r["identity"] for r in rows], dtype=torch.long),
+            "source": torch.zeros(len(rows), dtype=torch.long),
+            "meta": [r["meta"] for r in rows],
+        }
+
+
+def _decode(data: bytes, need: int, draft: bool) -> torch.Tensor:
+    """JPEG/PNG/WebP bytes -> uint8 (3, h, w), JPEGs shrunk by DCT scaling while both sides stay >= ``need``."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if draft and img.format == "JPEG":
+            img.draft("RGB", (need, need))
+        img = img.convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
+        raise BadSample("image_decode", f"{type(e).__name__}: {e}") from e
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
