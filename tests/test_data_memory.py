@@ -132,3 +132,16 @@ def test_several_sources_or_resampling_in_memory_are_config_errors(shards, tmp_p
                                     "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
         with pytest.raises(ValueError, match="data.in_memory holds one source"):
             Trainer(exp, tmp_path)
+
+
+def test_a_size_schedule_crops_early_epochs_smaller_and_must_end_at_the_model_size(shards):
+    loader = MemoryLoader(shards[0], options(size=16), TOKENIZER, size_schedule=[[0, 8], [2, 12], [3, 16]])
+    sizes = []
+    for epoch in range(5):
+        loader.set_epoch(epoch)
+        sizes.append(next(iter(loader))["image"].shape[-1])
+    assert sizes == [8, 8, 12, 16, 16]
+    for bad, message in (([[0, 8], [2, 12]], "not the model's 16"), ([[1, 8], [1, 16]], "increasing epochs"),
+                         ([[0, "x"]], "pairs")):
+        with pytest.raises(ValueError, match=message):
+            MemoryLoader(shards[0], options(size=16), TOKENIZER, size_schedule=bad)

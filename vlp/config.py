@@ -45,6 +45,8 @@ class DataConfig:
     draft: bool = True
     hflip: bool = False  # random horizontal flip (data augmentation)
     in_memory: bool = False  # decode one source's samples once and keep them in RAM (vlp/data/memory.py)
+    # in memory only: [[epoch, size], ...], crops of that size from that epoch on (the last size = the model's)
+    size_schedule: Optional[list[list[int]]] = None
 
 
 @dataclass

@@ -15,6 +15,8 @@ Same semantics as the stream's epoch mode, with a data state of its own:
 The crop is resampled with roi_align (bilinear, with as many samples per output pixel as the box is larger than
 the output: an area-like filter) instead of PIL's bicubic: on a smooth 64 px test image shrunk to 32 px the two
 differ by 0.24 grey levels on average (``tests/test_data_memory.py``).
+``data.size_schedule`` (in memory only) lowers the crop size of early epochs (progressive resizing, as in FFCV's
+ImageNet recipes); a convolutional tower takes any size, and the last entry must be the model's own.
 Not for resampled or mixed sources (they stream).
 """
 from __future__ import annotations
@@ -43,11 +45,12 @@ class MemoryLoader:
     """The interface of :class:`vlp.data.Loader` (iteration, epochs, state, ``skipped``) over samples in memory."""
 
     def __init__(self, shards: str | list[str], opts: StreamOptions, tokenizer: Callable, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, size_schedule: list[tuple[int, int]] | None = None):
         check_caption_options(opts.caption, opts.captions_per_sample)
         if not opts.image.train:
             raise ValueError("data.in_memory makes training batches (random crops) only")
         self.opts, self.rank, self.world_size = opts, rank, world_size
+        self.size_schedule = check_size_schedule(size_schedule, opts.image.size)
         self.skipped: Counter = Counter()
         self.epoch, self.next_batch = 0, 0
         self._load(shards, tokenizer)
@@ -109,6 +112,14 @@ class MemoryLoader:
         n, size = hi - lo, self.opts.batch_size
         return n // size if self.opts.drop_last else -(-n // size)
 
+    def image_size(self, epoch: int) -> int:
+        """The crop size of an epoch: the last ``size_schedule`` entry that has started, else the model's."""
+        size = self.opts.image.size
+        for start, scheduled in self.size_schedule:
+            if epoch >= start:
+                size = scheduled
+        return size
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.next_batch = epoch, 0
@@ -153,7 +164,8 @@ class MemoryLoader:
             else:
                 picks.append([0] * opts.captions_per_sample)
         images = roi_align(self.images[idx].float(), torch.tensor(boxes, dtype=torch.float32),
-                           output_size=opts.image.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+                           output_size=self.image_size(self.epoch), spatial_scale=1.0, sampling_ratio=-1,
+                           aligned=True)
         flipped = torch.tensor(flips)
         if flipped.any():
             images[flipped] = images[flipped].flip(-1)
@@ -175,6 +187,23 @@ class MemoryLoader:
             "source": torch.zeros(len(rows), dtype=torch.long),
             "meta": [r["meta"] for r in rows],
         }
+
+
+def check_size_schedule(schedule, final: int) -> list[tuple[int, int]]:
+    """``[[epoch, size], ...]``: from that epoch on, crops of that size (progressive resizing: cheaper early epochs at
+    a lower resolution). Epochs increase; the last entry's size must be the model's, which evaluation uses."""
+    if not schedule:
+        return []
+    try:
+        pairs = [(int(e), int(s)) for e, s in schedule]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"data.size_schedule: {schedule!r} is not a list of [epoch, size] pairs") from e
+    if any(b[0] <= a[0] for a, b in zip(pairs, pairs[1:])) or pairs[0][0] < 0 or any(s < 1 for _, s in pairs):
+        raise ValueError(f"data.size_schedule: {schedule!r} needs increasing epochs (from 0) and positive sizes")
+    if pairs[-1][1] != final:
+        raise ValueError(f"data.size_schedule: the last size is {pairs[-1][1]}, not the model's {final}: the run "
+                         "would end at a resolution it is not evaluated at")
+    return pairs
 
 
 def _decode(data: bytes, need: int, draft: bool) -> torch.Tensor:
