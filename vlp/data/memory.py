@@ -70,7 +70,7 @@ class MemoryLoader:
         for shard in expand(shards):
             for raw in iter_raw_samples(shard.url, on_error=on_error):
                 try:
-                    parsed = parse_sample(raw, self.opts.require_text, "first", random.Random(0))
+                    parsed = parse_sample(raw, self.opts.require_text, self.opts.caption, random.Random(0))
                     images.append(_decode(parsed["image"], need, self.opts.image.draft))
                 except BadSample as e:
                     on_error(e.reason, f"{raw.get('__url__')}: {raw['__key__']}")
