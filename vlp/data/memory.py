@@ -92,6 +92,10 @@ class MemoryLoader:
         self.caption_counts = [len(cs) for cs in captions]
         self.captions, self.rows = captions, rows
         mb = self.images.numel() / 2 ** 20
+        used = int(self.sizes.prod(1).sum()) * 3 / 2 ** 20
+        if mb > 2 * used:  # images of mixed shapes share one padded tensor
+            log.warning("data.in_memory: images of mixed sizes (up to %dx%d) are padded: %.0f MB held for %.0f MB of "
+                        "pixels", w, h, mb, used)
         log.info("data.in_memory: %d samples (%d captions) in %.0f MB, loaded in %.1f s; skipped %s",
                  len(rows), len(flat), mb, time.time() - start, dict(self.skipped) or "none")
 
