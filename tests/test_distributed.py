@@ -44,12 +44,18 @@ def first_step(exp, run_dir) -> tuple[float, dict]:
     return trainer.last_record["loss"], grads
 
 
-def _rank(rank: int, world: int, port: int, shards: str, out: str, objective: str, fsdp: bool) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    exp = experiment(shards, BATCH, fsdp=fsdp)
+def configure(exp, objective: str, memory_cl: bool):
     exp.objectives[0].name = objective
     exp.model.init_logit_bias = -10.0 if objective == "siglip" else None
+    exp.data.in_memory = exp.model.channels_last = memory_cl  # the in-memory loader, channels-last images
+    return exp
+
+
+def _rank(rank: int, world: int, port: int, shards: str, out: str, objective: str, fsdp: bool,
+          memory_cl: bool) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    exp = configure(experiment(shards, BATCH, fsdp=fsdp), objective, memory_cl)
     loss, grads = first_step(exp, f"{out}/run")
     torch.save({"loss": loss, "grads": grads}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
@@ -61,16 +67,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("objective, fsdp", [("clip", False), ("siglip", False), ("clip", True)],
-                         ids=["clip-ddp", "siglip-ddp", "clip-fsdp"])
-def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, objective, fsdp):
+@pytest.mark.parametrize("objective, fsdp, memory_cl", [("clip", False, False), ("siglip", False, False),
+                                                       ("clip", True, False), ("clip", False, True)],
+                         ids=["clip-ddp", "siglip-ddp", "clip-fsdp", "clip-ddp-in-memory-channels-last"])
+def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, objective, fsdp, memory_cl):
     shards = tmp_path / "shards"
     make_shard_set(shards, [2 * BATCH])  # rank r reads samples [r*B, (r+1)*B): together the single batch
-    mp.spawn(_rank, args=(2, free_port(), str(shards), str(tmp_path), objective, fsdp), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port(), str(shards), str(tmp_path), objective, fsdp, memory_cl), nprocs=2,
+             join=True)
 
-    exp = experiment(shards, 2 * BATCH)
-    exp.objectives[0].name = objective
-    exp.model.init_logit_bias = -10.0 if objective == "siglip" else None
+    exp = configure(experiment(shards, 2 * BATCH), objective, memory_cl)
     loss, grads = first_step(exp, tmp_path / "single")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for result in ranks:
