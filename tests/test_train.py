@@ -202,6 +202,11 @@ def test_siglip_objective_trains(shards, tmp_path):
 
     loaded = load_model(str(tmp_path)).model  # the run folder: its config names no logit bias, the file has one
     assert torch.equal(loaded.logit_bias, trainer.raw_model.logit_bias.detach())
+    # the same weights as open_clip_train writes them (epoch_N.pt: a DDP-prefixed state dict inside a dict)
+    state = {f"module.{k}": v for k, v in trainer.raw_model.state_dict().items()}
+    torch.save({"epoch": 3, "name": "siglip", "state_dict": state}, tmp_path / "epoch_3.pt")
+    loaded = load_model(f"vlp-tiny-32:{tmp_path / 'epoch_3.pt'}").model
+    assert torch.equal(loaded.logit_bias, trainer.raw_model.logit_bias.detach())
 
 
 def test_k_captions_per_sample_train_and_a_bad_setting_names_the_key(tmp_path):

@@ -128,12 +128,23 @@ def _from_weights(name: str, weights: Path, device: str, describe: dict) -> Open
 
 
 def _has_logit_bias(weights: Path) -> bool:
-    if weights.suffix != ".safetensors" or not weights.is_file():
+    """Whether a weights file holds a logit bias: safetensors by its header, torch files (open_clip_train's
+    ``epoch_N.pt``: ``{"state_dict": {"module.logit_bias": ...}}``) memory-mapped, without running pickled code."""
+    if not weights.is_file():
         return False
-    from safetensors import safe_open
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as f:
-        return "logit_bias" in f.keys()
+        with safe_open(str(weights), framework="pt") as f:
+            return "logit_bias" in f.keys()
+    if weights.suffix not in (".pt", ".pth", ".bin"):
+        return False
+    try:
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # not a zip archive (a legacy torch file): read it whole
+        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
+    return any(k.removeprefix("module.") == "logit_bias" for k in state)
 
 
 def _run_folder(folder: Path, model_name: str | None, device: str) -> OpenClipModel:
