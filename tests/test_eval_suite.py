@@ -169,6 +169,10 @@ def test_model_specs(eval_weights, tmp_path):
         load_model("vlp-tiny-32:/nowhere/model.safetensors")
     with pytest.raises(ModelSpecError, match="vlp-tiny-64"):
         load_model(str(eval_weights), model_name="vlp-tiny-64")
+    junk = tmp_path / "junk.pt"  # not a torch file: an error that names it, not a hint to unpickle it unsafely
+    junk.write_text("not a checkpoint")
+    with pytest.raises(ModelSpecError, match="junk.pt"):
+        load_model(f"vlp-tiny-32:{junk}")
 
 
 @pytest.mark.parametrize("suite", sorted(p.stem for p in (REPO / "eval" / "suites").glob("*.yaml")))

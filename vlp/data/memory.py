@@ -21,7 +21,6 @@ Not for resampled or mixed sources (they stream).
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
@@ -31,10 +30,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.ops import roi_align
 
-from vlp.data.preprocess import BadSample, normalize_batch, parse_sample, random_resized_crop_box
+from vlp.data.preprocess import BadSample, decode_rgb, normalize_batch, parse_sample, random_resized_crop_box
 from vlp.data.shards import expand, iter_raw_samples
 from vlp.data.stream import StreamOptions, check_caption_options, split_range
 
@@ -71,7 +69,8 @@ class MemoryLoader:
             for raw in iter_raw_samples(shard.url, on_error=on_error):
                 try:
                     parsed = parse_sample(raw, self.opts.require_text, self.opts.caption, random.Random(0))
-                    images.append(_decode(parsed["image"], need, self.opts.image.draft))
+                    img, _ = decode_rgb(parsed["image"], need if self.opts.image.draft else None)
+                    images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
                 except BadSample as e:
                     on_error(e.reason, f"{raw.get('__url__')}: {raw['__key__']}")
                     continue
@@ -208,15 +207,3 @@ def check_size_schedule(schedule, final: int) -> list[tuple[int, int]]:
         raise ValueError(f"data.size_schedule: the last size is {pairs[-1][1]}, not the model's {final}: the run "
                          "would end at a resolution it is not evaluated at")
     return pairs
-
-
-def _decode(data: bytes, need: int, draft: bool) -> torch.Tensor:
-    """JPEG/PNG/WebP bytes -> uint8 (3, h, w), JPEGs shrunk by DCT scaling while both sides stay >= ``need``."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        if draft and img.format == "JPEG":
-            img.draft("RGB", (need, need))
-        img = img.convert("RGB")
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
-        raise BadSample("image_decode", f"{type(e).__name__}: {e}") from e
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)

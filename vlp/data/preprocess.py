@@ -90,6 +90,19 @@ def center_crop_box(width: int, height: int):
     return left, top, left + side, top + side
 
 
+def decode_rgb(data: bytes, need: int | None) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, stored (width, height)); with ``need``, JPEGs are decoded with DCT scaling (PIL ``draft``) to the
+    smallest scale whose sides stay >= ``need``. Undecodable bytes raise :class:`BadSample` ("image_decode")."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        stored = img.size
+        if need is not None and img.format == "JPEG":
+            img.draft("RGB", (need, need))
+        return img.convert("RGB"), stored
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
+        raise BadSample("image_decode", f"{type(e).__name__}: {e}") from e
+
+
 class ImageDecoder:
     """bytes -> uint8 tensor (3, size, size)."""
 
@@ -100,15 +113,8 @@ class ImageDecoder:
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         size = self.opts.size
-        try:
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size  # the stored size: crop geometry is drawn here, whatever the decoder scale
-            if self.opts.draft and img.format == "JPEG":
-                need = math.ceil(size / self.min_crop)
-                img.draft("RGB", (need, need))
-            img = img.convert("RGB")
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for broken images
-            raise BadSample("image_decode", f"{type(e).__name__}: {e}") from e
+        # crop geometry is drawn on the stored size, whatever the decoder scale
+        img, (width, height) = decode_rgb(data, math.ceil(size / self.min_crop) if self.opts.draft else None)
         if self.opts.train:
             box = random_resized_crop_box(width, height, self.opts.scale, self.opts.ratio, rng)
         elif self.opts.resize_mode == "squash":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,7 +114,8 @@ def _create(name: str, pretrained: str | None, device: str, **model_kwargs):
 
     try:
         return open_clip.create_model(name, pretrained=pretrained, device=device, **model_kwargs)
-    except (RuntimeError, KeyError, ValueError, AssertionError) as e:  # open_clip asserts on shape mismatches
+    except (RuntimeError, KeyError, ValueError, AssertionError, pickle.UnpicklingError) as e:  # open_clip asserts
+        # on shape mismatches; a torch file that weights_only loading refuses comes back as UnpicklingError
         known = "; open_clip.list_models() lists the known configs" if open_clip.get_model_config(name) is None else ""
         raise ModelSpecError(f"cannot build model {name!r} (pretrained={pretrained!r}): {e}{known}") from e
 
@@ -140,9 +142,12 @@ def _has_logit_bias(weights: Path) -> bool:
     if weights.suffix not in (".pt", ".pth", ".bin"):
         return False
     try:
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # not a zip archive (a legacy torch file): read it whole
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip archive (a legacy torch file): read it whole
+            checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable here: open_clip's loader then reports it, naming the file
+        return False
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
     return any(k.removeprefix("module.") == "logit_bias" for k in state)
 
