@@ -1,6 +1,7 @@
 """Where one training step's time goes, on synthetic data: image tower, text tower, loss, optimizer.
 
     .venv/bin/python benchmarks/step_profile.py --model vlp-r10t-32-t2 --batch 128 [--compile visual] [--channels-last]
+        [--no-trim]
 
 Each part is timed on its own (forward + backward), then a whole step (both towers, CLIP loss, fused AdamW);
 medians over --steps after --warmup, of wall time and of the process's CPU time (on a shared VM the wall time
@@ -16,6 +17,7 @@ import open_clip
 import torch
 
 import vlp.models  # noqa: F401  (registers vlp's model configs)
+from vlp.models.trim import trim_dead_taps
 
 
 def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--text-len", type=int, default=None, help="tokens per caption fed (default: context length)")
     ap.add_argument("--compile", default="", choices=["", "visual", "text", "all"])
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--no-trim", action="store_true", help="keep the padding-only taps of small feature maps "
+                    "(the trainer trims them unless model.trim_dead_taps is false)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
@@ -50,6 +54,7 @@ def main() -> None:
     model = open_clip.create_model(args.model, output_dict=True)
     size = args.image_size or open_clip.get_model_preprocess_cfg(model)["size"][0]
     ctx = args.text_len or model.context_length
+    trimmed = [] if args.no_trim else trim_dead_taps(model.visual, size)
     if args.channels_last:
         model.visual.to(memory_format=torch.channels_last)
     if args.compile in ("visual", "all"):
@@ -93,7 +98,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} {size}px ctx {ctx} batch {args.batch} compile={args.compile or 'no'} "
           f"channels_last={args.channels_last} threads={args.threads} params={n_params / 1e6:.1f}M "
-          f"first step {first:.1f}s")
+          f"first step {first:.1f}s trimmed={','.join(trimmed) or 'none'}")
     for name, (wall, cpu) in parts.items():
         print(f"  {name:15s} {1000 * wall:7.1f} ms wall {1000 * cpu:7.1f} ms CPU")
     print(f"  -> {args.batch / parts['whole step'][0]:.0f} samples/s")

@@ -32,6 +32,7 @@ from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions
 from vlp.data.stream import check_caption_options
+from vlp.models.trim import trim_dead_taps
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
@@ -46,7 +47,9 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, ...] = ()) -> torch.nn.Module:
+    """The open_clip model of ``cfg`` on ``device``. ``image_sizes``: the training image sizes other than the
+    model's own (a progressive-resizing schedule), for which convolutions are trimmed too."""
     kwargs = {}
     if cfg.init_logit_scale is not None:
         kwargs["init_logit_scale"] = cfg.init_logit_scale
@@ -58,9 +61,15 @@ def build_model(cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
     model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **kwargs)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    model = model.to(device)
+    if cfg.trim_dead_taps:
+        sizes = sorted({open_clip.get_model_preprocess_cfg(model)["size"][0], *image_sizes})
+        trimmed = trim_dead_taps(model.visual, sizes)
+        if trimmed:
+            log.info("convolutions computed without their padding-only taps at %s px: %s", sizes, ", ".join(trimmed))
     if cfg.channels_last:
         model.visual.to(memory_format=torch.channels_last)
-    return model.to(device)
+    return model
 
 
 def resolve_shards(spec: str) -> str:
@@ -122,7 +131,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(exp))
         self._seed(exp.train.seed)
 
-        model = build_model(exp.model, self.device)
+        schedule_sizes = tuple(entry[1] for entry in exp.data.size_schedule or ()  # checked by the loader
+                               if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int))
+        model = build_model(exp.model, self.device, schedule_sizes)
         freeze_parameters(model, exp.optim)
         self.raw_model = model
         self.replicated: set[torch.nn.Parameter] = set()  # parameters outside FSDP's sharding
