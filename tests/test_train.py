@@ -257,17 +257,19 @@ def test_channels_last_trains_the_same_weights_and_saves_plain_ones(shards, tmp_
         Trainer(experiment(shards, model={"channels_last": True}, train={"fsdp": True}), tmp_path / "fsdp")
 
 
-def test_trimmed_convolutions_train_the_same_weights(shards, tmp_path):
-    def trained(trim: bool):
-        exp = experiment(shards, model={"name": "vlp-r10t-32-t2", "trim_dead_taps": trim}, train={"max_steps": 3})
-        trainer = Trainer(exp, tmp_path / str(trim))
-        assert isinstance(trainer.raw_model.visual.trunk.layer4[0].conv2, TrimmedConv2d) == trim
+def test_trimmed_convolutions_and_packed_text_train_the_same_weights(shards, tmp_path):
+    def trained(faster: bool):
+        exp = experiment(shards, model={"name": "vlp-r10t-32-t2", "trim_dead_taps": faster, "pack_text": faster},
+                         train={"max_steps": 3})
+        trainer = Trainer(exp, tmp_path / str(faster))
+        assert isinstance(trainer.raw_model.visual.trunk.layer4[0].conv2, TrimmedConv2d) == faster
+        assert ("encode_text" in vars(trainer.raw_model)) == faster
         trainer.train()
         return weights(trainer)
 
-    trimmed, plain = trained(True), trained(False)
+    faster, plain = trained(True), trained(False)
     # the same tolerance as channels-last above: rounding shows up to ~1e-4, 3 steps move every matrix by 1.6e-3+
-    assert all(torch.allclose(trimmed[k].float(), plain[k].float(), atol=5e-4) for k in trimmed)
+    assert all(torch.allclose(faster[k].float(), plain[k].float(), atol=5e-4) for k in faster)
     saved, _ = checkpoint.load(checkpoint.latest(tmp_path / "True"))
     open_clip.create_model("vlp-r10t-32-t2").load_state_dict(saved)
 

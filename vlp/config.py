@@ -71,6 +71,10 @@ class ModelConfig:
     # 32 px (last feature maps 2x2 and 1x1) the image tower's forward + backward on the 2-core CPU took 0.17-0.22 s
     # instead of 0.39 s per batch of 128. Towers without padded convolutions (ViTs) are left as they are.
     trim_dead_taps: bool = True
+    # run open_clip's text tower over each caption's tokens up to its end-of-text token, packed, instead of the
+    # padded context (vlp/models/packed_text.py): the same result, since it attends causally and pools that token.
+    # Only for open_clip's default CLIP text tower, and not with model.compile: true / text.
+    pack_text: bool = True
 
 
 @dataclass

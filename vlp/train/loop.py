@@ -32,6 +32,7 @@ from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions
 from vlp.data.stream import check_caption_options
+from vlp.models.packed_text import pack_text
 from vlp.models.trim import trim_dead_taps
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
@@ -47,9 +48,12 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
-def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, ...] = ()) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, ...] = (),
+                fsdp: bool = False) -> torch.nn.Module:
     """The open_clip model of ``cfg`` on ``device``. ``image_sizes``: the training image sizes other than the
-    model's own (a progressive-resizing schedule), for which convolutions are trimmed too."""
+    model's own (a progressive-resizing schedule), for which convolutions are trimmed too. ``fsdp``: the model
+    will be sharded, so its text tower is not packed (FSDP gathers a block's weights in the block's forward, which
+    the packed computation does not call)."""
     kwargs = {}
     if cfg.init_logit_scale is not None:
         kwargs["init_logit_scale"] = cfg.init_logit_scale
@@ -67,6 +71,10 @@ def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, 
         trimmed = trim_dead_taps(model.visual, sizes)
         if trimmed:
             log.info("convolutions computed without their padding-only taps at %s px: %s", sizes, ", ".join(trimmed))
+    if cfg.pack_text and cfg.compile not in (True, "text") and not fsdp:
+        reason = pack_text(model)
+        if reason:
+            log.info("text tower computed over the padded context: %s", reason)
     if cfg.channels_last:
         model.visual.to(memory_format=torch.channels_last)
     return model
@@ -133,7 +141,7 @@ class Trainer:
 
         schedule_sizes = tuple(entry[1] for entry in exp.data.size_schedule or ()  # checked by the loader
                                if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int))
-        model = build_model(exp.model, self.device, schedule_sizes)
+        model = build_model(exp.model, self.device, schedule_sizes, fsdp=exp.train.fsdp)
         freeze_parameters(model, exp.optim)
         self.raw_model = model
         self.replicated: set[torch.nn.Parameter] = set()  # parameters outside FSDP's sharding

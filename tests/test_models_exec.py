@@ -1,4 +1,5 @@
-"""Convolutions trimmed of their padding-only taps compute what the plain ones compute, with the same gradients."""
+"""Execution changes that keep the weights: convolutions trimmed of padding-only taps, packed text towers; each
+computes what the plain model computes, with the same gradients."""
 from __future__ import annotations
 
 import copy
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import vlp.models  # noqa: F401  (registers vlp's model configs)
+from vlp.models.packed_text import pack_text
 from vlp.models.trim import TrimmedConv2d, live_window, trim_dead_taps
 
 
@@ -74,3 +76,33 @@ def test_a_vit_has_nothing_to_trim():
     model = open_clip.create_model("vlp-tiny-32")
     assert trim_dead_taps(model.visual, 32) == []
     assert type(model.visual.conv1) is torch.nn.Conv2d
+
+
+def test_packed_text_tower_equals_open_clips_and_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = open_clip.create_model("vlp-r10t-32-t2")
+    plain = copy.deepcopy(model)
+    assert pack_text(model) is None
+    tokenizer = open_clip.get_tokenizer("vlp-r10t-32-t2")
+    captions = ["a dog", "two children play football on a green field next to a red house in the afternoon sun "
+                "while their parents watch from a bench", "a man in a red shirt climbs a rock", ""]
+    text = tokenizer(captions)  # lengths 4, 24 (cut: end-of-text at the last position), 11 and 2 tokens
+    assert text.argmax(-1).tolist()[1] == 23
+    out, ref = model.encode_text(text), plain.encode_text(text)
+    assert torch.allclose(out, ref, atol=1e-5)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        if q.grad is not None:
+            assert torch.allclose(p.grad, q.grad, atol=1e-4 * q.grad.abs().max() + 1e-7), name
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    model.eval()  # (BatchNorm) the forward uses the packed tower too
+    _, full, _ = model(torch.randn(4, 3, 32, 32), text)
+    assert torch.allclose(full, torch.nn.functional.normalize(ref.detach(), dim=-1), atol=1e-5)
+
+
+def test_text_towers_packing_cannot_reproduce_are_left_alone():
+    model = open_clip.create_model("vlp-tiny-32")
+    model.transformer.grad_checkpointing = True
+    assert "checkpointing" in pack_text(model)
+    assert "encode_text" not in vars(model)
