@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -131,3 +132,73 @@ def test_fsdp_trains_a_timm_tower_and_saves_a_plain_checkpoint(tmp_path):
     assert int(saved["visual.trunk.bn1.num_batches_tracked"]) == 2  # the BatchNorm buffers went along
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+
+
+def _fsdp_ema_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from vlp.train.loop import Trainer
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    exp = experiment(shards, BATCH, fsdp=True, max_steps=2, ema=0.5)
+    exp.eval.suite, exp.eval.every = "digits", 2
+    trainer = Trainer(exp, f"{out}/run")
+    def snapshot():  # every rank: gathering the whole weights is collective. Cloned: on CPU the unsharded
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # logit scale comes back as itself
+        return {k: v.clone() for k, v in get_model_state_dict(trainer.raw_model, options=options).items()}
+
+    snapshots = [snapshot()]
+    real_step = trainer.train_step
+
+    def step_and_snapshot(micro):
+        record = real_step(micro)
+        snapshots.append(snapshot())
+        return record
+
+    trainer.train_step = step_and_snapshot
+    trainer.train()
+    exp.train.max_steps = 3
+    resumed = Trainer(exp, f"{out}/run")  # loads the sharded average from the whole tensors of the checkpoint
+    reloaded = resumed.ema.state_dict()
+    if rank == 0:
+        torch.save({"snapshots": snapshots, "reloaded": reloaded, "updates": resumed.ema.updates},
+                   f"{out}/ema.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_keeps_a_sharded_weight_average_and_evaluates_it(tmp_path):
+    from vlp.eval.cli import main as eval_main
+    from vlp.train import checkpoint
+
+    shards = tmp_path / "shards"
+    make_shard_set(shards, [4 * BATCH])
+    context = mp.spawn(_fsdp_ema_rank, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not context.join(timeout=5):  # evaluation on one rank of a sharded model used to wait forever
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("two FSDP ranks with an EMA and evaluation did not finish in 300 s")
+    result = torch.load(tmp_path / "ema.pt", weights_only=True)
+    snapshots = result["snapshots"]
+    expected = {k: v.clone() for k, v in snapshots[0].items() if v.is_floating_point()}
+    for n, weights in enumerate(snapshots[1:], start=1):  # the recurrence by hand on the whole weights
+        decay = min(0.5, (1 + n) / (10 + n))
+        for k in expected:
+            expected[k] = decay * expected[k] + (1 - decay) * weights[k]
+    path = checkpoint.latest(tmp_path / "run")
+    average, online = checkpoint.load(path)[0], checkpoint.load_online(path)
+    for k in expected:
+        assert torch.allclose(average[k], expected[k], atol=1e-6), k
+        assert torch.equal(result["reloaded"][k], average[k]), k
+    assert all(torch.equal(online[k], snapshots[-1][k]) for k in online)
+    assert sum(not torch.allclose(average[k], online[k], atol=1e-4) for k in expected) > len(expected) // 2
+    assert result["updates"] == 2
+    # the evaluation during training saw the average: evaluating the saved average gives the same accuracy
+    during = json.loads((tmp_path / "run" / "eval" / "step-0000002" / "digits__zeroshot_classification.json")
+                        .read_text())["metrics"]
+    assert eval_main(["--model", f"vlp-tiny-32:{path / 'model.safetensors'}", "--suite", "digits", "--no-cache",
+                      "--workers", "0", "--out", str(tmp_path / "after")]) == 0
+    after = json.loads((tmp_path / "after" / "digits__zeroshot_classification.json").read_text())["metrics"]
+    assert during == after

@@ -7,12 +7,21 @@ as ``min(decay, (1 + n) / (10 + n))`` after n updates, so that the random initia
 Checkpoints of a run with an EMA hold the average in ``model.safetensors`` (the model to evaluate and publish)
 and the weights the optimizer moves in ``online.safetensors`` (what a resumed run continues from). Evaluation
 during training evaluates the average.
+
+Under FSDP the average is sharded like the weights (each rank averages its own shards, no communication per
+step); ``state_dict`` then gathers whole tensors and must be called on every rank.
 """
 from __future__ import annotations
 
 import contextlib
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (sharing its storage), or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class WeightEMA:
@@ -33,13 +42,15 @@ class WeightEMA:
         self.updates += 1
         weight = 1.0 - self.current_decay()
         state = model.state_dict()
-        torch._foreach_lerp_([self.shadow[k] for k in self._floats], [state[k].detach() for k in self._floats],
-                             weight)
+        torch._foreach_lerp_([_local(self.shadow[k]) for k in self._floats],
+                             [_local(state[k].detach()) for k in self._floats], weight)
         for k in self._others:
-            self.shadow[k].copy_(state[k])
+            _local(self.shadow[k]).copy_(_local(state[k]))
 
     def state_dict(self) -> dict:
-        return dict(self.shadow)
+        """The average as whole tensors. Under FSDP they are gathered from every rank's shards, one at a time, into
+        CPU memory: call it on every rank."""
+        return {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in self.shadow.items()}
 
     def load_state_dict(self, state: dict, updates: int) -> None:
         missing = set(self.shadow) - set(state)
@@ -47,7 +58,11 @@ class WeightEMA:
             raise ValueError(f"the checkpoint's EMA weights lack {sorted(missing)[:3]}")
         with torch.no_grad():
             for k, v in self.shadow.items():
-                v.copy_(state[k])
+                if isinstance(v, DTensor):  # every rank holds the whole tensor: each keeps its own shard
+                    whole = state[k].to(device=v.device, dtype=v.dtype)
+                    v.copy_(distribute_tensor(whole, v.device_mesh, v.placements, src_data_rank=None))
+                else:
+                    v.copy_(state[k])
         self.updates = updates
 
     @contextlib.contextmanager

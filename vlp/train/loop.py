@@ -48,21 +48,26 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def _logit_kwargs(cfg: ModelConfig) -> dict:
+    """The logit scale and bias settings of ``open_clip.create_model`` (a SigLIP model has a bias parameter)."""
+    kwargs = {}
+    if cfg.init_logit_scale is not None:
+        kwargs["init_logit_scale"] = cfg.init_logit_scale
+    if cfg.init_logit_bias is not None:
+        kwargs["init_logit_bias"] = cfg.init_logit_bias
+    return kwargs
+
+
 def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, ...] = (),
                 fsdp: bool = False) -> torch.nn.Module:
     """The open_clip model of ``cfg`` on ``device``. ``image_sizes``: the training image sizes other than the
     model's own (a progressive-resizing schedule), for which convolutions are trimmed too. ``fsdp``: the model
     will be sharded, so its text tower is not packed (FSDP gathers a block's weights in the block's forward, which
     the packed computation does not call)."""
-    kwargs = {}
-    if cfg.init_logit_scale is not None:
-        kwargs["init_logit_scale"] = cfg.init_logit_scale
-    if cfg.init_logit_bias is not None:
-        kwargs["init_logit_bias"] = cfg.init_logit_bias
     if open_clip.get_model_config(cfg.name) is None:
         raise ValueError(f"model.name: unknown model config {cfg.name!r} ({', '.join(vlp.models.vlp_model_names())} "
                          "or one of open_clip.list_models())")
-    model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **kwargs)
+    model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **_logit_kwargs(cfg))
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model = model.to(device)
@@ -333,9 +338,7 @@ class Trainer:
     def _build_ema(self, model: torch.nn.Module) -> WeightEMA | None:
         if self.exp.train.ema is None:
             return None
-        if self.exp.train.fsdp:  # the average would have to be sharded like the weights: not written yet
-            raise ValueError("train.ema cannot be combined with train.fsdp yet")
-        return WeightEMA(model, self.exp.train.ema)
+        return WeightEMA(model, self.exp.train.ema)  # under FSDP, sharded like the weights
 
     def _seed(self, seed: int) -> None:
         random.seed(seed)
@@ -350,6 +353,7 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.raw_model, options=options)
         optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
+        ema_state = self.ema.state_dict() if self.ema is not None else None  # every rank: FSDP gathers
         data_states = [self.loader.state_dict()]
         if self.dist.distributed:
             data_states = [None] * self.dist.world_size
@@ -360,7 +364,7 @@ class Trainer:
                      "data": json.dumps(data_states), "world_size": self.dist.world_size}
             online = None
             if self.ema is not None:  # model.safetensors holds the average; the optimizer's weights go beside it
-                model_state, online = self.ema.state_dict(), model_state
+                model_state, online = ema_state, model_state
                 state["ema_updates"] = self.ema.updates
             checkpoint.save(self.run_dir, self.step, model_state, state, to_yaml(self.exp),
                             self.exp.train.keep_checkpoints, online_state=online)
@@ -397,14 +401,30 @@ class Trainer:
             print(f"resumed from {path} at step {self.step} (epoch {self.epoch})", flush=True)
 
     def evaluate(self) -> dict | None:
-        if not self.dist.is_main or not self.exp.eval.suite:
+        """The suite on the main rank, on the EMA of the weights if there is one. Under FSDP every rank first
+        takes part in gathering the whole weights, and the main rank evaluates an unsharded copy (a sharded
+        model's forward would wait for the other ranks)."""
+        if not self.exp.eval.suite:
+            return None
+        gathered = None
+        if self.exp.train.fsdp:
+            gathered = self.ema.state_dict() if self.ema is not None else get_model_state_dict(
+                self.raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.dist.is_main:
             barrier(self.dist)
             return None
         from vlp.eval.suite import run_suite_for_training
 
-        self.model.eval()
-        with self.ema.applied(self.raw_model) if self.ema is not None else contextlib.nullcontext():
-            results = run_suite_for_training(self.raw_model, self.exp.model.name, self.exp.eval.suite,
+        if gathered is not None:
+            model = open_clip.create_model(self.exp.model.name, output_dict=True, **_logit_kwargs(self.exp.model))
+            average = None
+            model.load_state_dict(gathered)
+            model.to(self.device)
+        else:
+            model, average = self.raw_model, self.ema
+        model.eval()
+        with average.applied(model) if average is not None else contextlib.nullcontext():
+            results = run_suite_for_training(model, self.exp.model.name, self.exp.eval.suite,
                                              self.run_dir / "eval" / f"step-{self.step:07d}",
                                              batch_size=self.exp.eval.batch_size, device=self.device)
         self.logger.log(self.step, {"epoch": self.epoch, "eval": results})
