@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 def live_window(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> tuple[int, int] | None:
     """First and last kernel tap (along one dimension) that reads an input position for some output, or None if
-    the convolution cannot be trimmed with a symmetric padding. Returns (0, kernel - 1) when nothing is dead."""
+    the convolution cannot be trimmed with a symmetric, non-negative padding. Returns (0, kernel - 1) when nothing
+    is dead."""
     outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
     live = [t for t in range(kernel)
             if any(0 <= o * stride - padding + t * dilation < size for o in range(outputs))]
