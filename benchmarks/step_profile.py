@@ -17,7 +17,7 @@ import open_clip
 import torch
 
 import vlp.models  # noqa: F401  (registers vlp's model configs)
-from vlp.models.trim import trim_dead_taps
+from vlp.models.trim import trim_dead_taps, trimmed_names
 
 
 def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
@@ -54,7 +54,8 @@ def main() -> None:
     model = open_clip.create_model(args.model, output_dict=True)
     size = args.image_size or open_clip.get_model_preprocess_cfg(model)["size"][0]
     ctx = args.text_len or model.context_length
-    trimmed = [] if args.no_trim else trim_dead_taps(model.visual, size)
+    if not args.no_trim:
+        trim_dead_taps(model.visual)
     if args.channels_last:
         model.visual.to(memory_format=torch.channels_last)
     if args.compile in ("visual", "all"):
@@ -98,7 +99,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.model} {size}px ctx {ctx} batch {args.batch} compile={args.compile or 'no'} "
           f"channels_last={args.channels_last} threads={args.threads} params={n_params / 1e6:.1f}M "
-          f"first step {first:.1f}s trimmed={','.join(trimmed) or 'none'}")
+          f"first step {first:.1f}s trimmed={','.join(trimmed_names(model.visual)) or 'none'}")
     for name, (wall, cpu) in parts.items():
         print(f"  {name:15s} {1000 * wall:7.1f} ms wall {1000 * cpu:7.1f} ms CPU")
     print(f"  -> {args.batch / parts['whole step'][0]:.0f} samples/s")

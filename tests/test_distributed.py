@@ -144,8 +144,10 @@ def _fsdp_ema_rank(rank: int, world: int, port: int, shards: str, out: str) -> N
     exp = experiment(shards, BATCH, fsdp=True, max_steps=2, ema=0.5)
     exp.eval.suite, exp.eval.every = "digits", 2
     trainer = Trainer(exp, f"{out}/run")
-    def snapshot():  # every rank: gathering the whole weights is collective. Cloned: on CPU the unsharded
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # logit scale comes back as itself
+
+    def snapshot():  # every rank: gathering the whole weights is collective
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # cloned: on CPU the unsharded logit scale comes back as the live tensor itself
         return {k: v.clone() for k, v in get_model_state_dict(trainer.raw_model, options=options).items()}
 
     snapshots = [snapshot()]
@@ -175,7 +177,7 @@ def test_fsdp_keeps_a_sharded_weight_average_and_evaluates_it(tmp_path):
     make_shard_set(shards, [4 * BATCH])
     context = mp.spawn(_fsdp_ema_rank, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 300
-    while not context.join(timeout=5):  # evaluation on one rank of a sharded model used to wait forever
+    while not context.join(timeout=5):  # a collective that only some ranks enter would hang: fail instead
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()

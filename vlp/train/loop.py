@@ -58,12 +58,9 @@ def _logit_kwargs(cfg: ModelConfig) -> dict:
     return kwargs
 
 
-def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, ...] = (),
-                fsdp: bool = False) -> torch.nn.Module:
-    """The open_clip model of ``cfg`` on ``device``. ``image_sizes``: the training image sizes other than the
-    model's own (a progressive-resizing schedule), for which convolutions are trimmed too. ``fsdp``: the model
-    will be sharded, so its text tower is not packed (FSDP gathers a block's weights in the block's forward, which
-    the packed computation does not call)."""
+def build_model(cfg: ModelConfig, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
+    """The open_clip model of ``cfg`` on ``device``. ``fsdp``: the model will be sharded, so its text tower is not
+    packed (FSDP gathers a block's weights in the block's forward, which the packed computation does not call)."""
     if open_clip.get_model_config(cfg.name) is None:
         raise ValueError(f"model.name: unknown model config {cfg.name!r} ({', '.join(vlp.models.vlp_model_names())} "
                          "or one of open_clip.list_models())")
@@ -72,10 +69,7 @@ def build_model(cfg: ModelConfig, device: torch.device, image_sizes: tuple[int, 
         model.set_grad_checkpointing(True)
     model = model.to(device)
     if cfg.trim_dead_taps:
-        sizes = sorted({open_clip.get_model_preprocess_cfg(model)["size"][0], *image_sizes})
-        trimmed = trim_dead_taps(model.visual, sizes)
-        if trimmed:
-            log.info("convolutions computed without their padding-only taps at %s px: %s", sizes, ", ".join(trimmed))
+        trim_dead_taps(model.visual)
     if cfg.pack_text and cfg.compile not in (True, "text") and not fsdp:
         reason = pack_text(model)
         if reason:
@@ -144,9 +138,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(exp))
         self._seed(exp.train.seed)
 
-        schedule_sizes = tuple(entry[1] for entry in exp.data.size_schedule or ()  # checked by the loader
-                               if isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[1], int))
-        model = build_model(exp.model, self.device, schedule_sizes, fsdp=exp.train.fsdp)
+        model = build_model(exp.model, self.device, fsdp=exp.train.fsdp)
         freeze_parameters(model, exp.optim)
         self.raw_model = model
         self.replicated: set[torch.nn.Parameter] = set()  # parameters outside FSDP's sharding
