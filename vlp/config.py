@@ -67,9 +67,9 @@ class ModelConfig:
     # Not with train.fsdp (FSDP shards only contiguous parameters).
     channels_last: bool = False
     # compute padded convolutions of the image tower without the kernel taps that read only padding at the
-    # input size each is called with (vlp/models/trim.py). Exact, and the weights keep their shapes; for timm's
-    # resnet10t at 32 px (last feature maps 2x2 and 1x1) the image tower's forward + backward on the 2-core CPU took 0.17-0.22 s
-    # instead of 0.39 s per batch of 128. Towers without padded convolutions (ViTs) are left as they are.
+    # input size each is called with (vlp/models/trim.py). Exact, and the weights keep their shapes. For timm's
+    # resnet10t at 32 px (last feature maps 2x2 and 1x1), the image tower's forward + backward on the 2-core CPU
+    # took 0.17-0.22 s instead of 0.39 s per batch of 128. Towers without padded convolutions (ViTs) are unchanged.
     trim_dead_taps: bool = True
     # run open_clip's text tower over each caption's tokens up to its end-of-text token, packed, instead of the
     # padded context (vlp/models/packed_text.py): the same result, since it attends causally and pools that token.
