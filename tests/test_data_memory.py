@@ -122,7 +122,7 @@ def test_flips_mirror_about_half_the_crops(shards):
     assert mirrored + same == 25 and 5 <= mirrored <= 20
 
 
-def test_several_sources_or_resampling_in_memory_are_config_errors(shards, tmp_path):
+def test_several_sources_resampling_or_in_memory_options_without_it_are_config_errors(shards, tmp_path):
     from vlp.config import experiment_from_dict
     from vlp.train.loop import Trainer
 
@@ -131,6 +131,11 @@ def test_several_sources_or_resampling_in_memory_are_config_errors(shards, tmp_p
         exp = experiment_from_dict({"name": "m", "data": {**data, "in_memory": True, "workers": 0},
                                     "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
         with pytest.raises(ValueError, match="data.in_memory holds one source"):
+            Trainer(exp, tmp_path)
+    for key, value in (("size_schedule", [[0, 32]]), ("color_jitter", 0.2), ("token_drop", 0.1)):
+        exp = experiment_from_dict({"name": "m", "data": {"train": [{"shards": shards[0]}], key: value, "workers": 0},
+                                    "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
+        with pytest.raises(ValueError, match=f"data.{key} needs data.in_memory: true"):
             Trainer(exp, tmp_path)
 
 
@@ -145,3 +150,55 @@ def test_a_size_schedule_crops_early_epochs_smaller_and_must_end_at_the_model_si
                          ([[0, "x"]], "pairs")):
         with pytest.raises(ValueError, match=message):
             MemoryLoader(shards[0], options(size=16), TOKENIZER, size_schedule=bad)
+
+
+def test_token_drop_keeps_start_and_end_and_closes_each_caption_up_in_order():
+    from vlp.data.memory import drop_tokens
+
+    captions = ["a dog runs on the grass in the park with a red ball", "two kids", "a man " * 30]
+    tokens = TOKENIZER(captions, context_length=24)
+    assert tokens[2, -1] == tokens[0].max()  # the long caption was cut: its last token is end-of-text
+    dropped = [drop_tokens(tokens, 0.4, torch.Generator().manual_seed(s)) for s in range(200)]
+    lost = []
+    for new in dropped:
+        assert torch.equal(drop_tokens(tokens, 0.0, torch.Generator()), tokens)
+        for row, old in zip(new, tokens):
+            kept, before = row[row != 0].tolist(), old[old != 0].tolist()
+            assert kept[0] == before[0] and kept[-1] == before[-1] and len(kept) >= 2
+            it = iter(before)
+            assert all(t in it for t in kept)  # an ordered subsequence of the caption
+            assert row[len(kept):].eq(0).all()  # closed up: zeros only after the kept tokens
+            lost.append((len(before) - len(kept)) / (len(before) - 2))
+    assert abs(np.mean(lost) - 0.4) < 0.03
+    assert torch.equal(dropped[0], drop_tokens(tokens, 0.4, torch.Generator().manual_seed(0)))
+
+
+def test_color_jitter_scales_brightness_contrast_and_saturation_within_range_and_keeps_grey_grey():
+    from vlp.data.memory import jitter_colors
+
+    images = torch.rand(64, 3, 8, 8) * 200 + 20
+    grey = images.mean(1, keepdim=True).expand(-1, 3, -1, -1).clone()
+    out = jitter_colors(images.clone(), 0.3, torch.Generator().manual_seed(1))
+    assert out.min() >= 0 and out.max() <= 255
+    assert torch.allclose(jitter_colors(images.clone(), 0.0, torch.Generator()), images, atol=1e-3)
+    mean_ratio = out.mean((1, 2, 3)) / images.mean((1, 2, 3))  # mostly the brightness factor
+    assert mean_ratio.min() < 0.85 and mean_ratio.max() > 1.15 and mean_ratio.min() > 0.6
+    flat = jitter_colors(grey.clone(), 0.3, torch.Generator().manual_seed(2))
+    assert (flat.max(1).values - flat.min(1).values).max() < 1e-3  # no colour appears in a grey image
+
+
+def test_jittered_and_token_dropped_batches_resume_exactly_and_differ_from_plain_ones(shards):
+    kw = dict(color_jitter=0.3, token_drop=0.3)
+    full = MemoryLoader(shards[0], options(batch_size=5), TOKENIZER, **kw)
+    batches = list(full)
+    resumed = MemoryLoader(shards[0], options(batch_size=5), TOKENIZER, **kw)
+    resumed.load_state_dict({"epoch": 0, "next_batch": 2})
+    for a, b in zip(batches[2:], resumed):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+    plain = list(MemoryLoader(shards[0], options(batch_size=5), TOKENIZER))
+    assert all(a["uid"] == b["uid"] for a, b in zip(batches, plain))
+    assert not torch.equal(batches[0]["image"], plain[0]["image"])
+    assert (batches[0]["text"] != 0).sum() < (plain[0]["text"] != 0).sum()
+    for bad in ({"color_jitter": 1.0}, {"token_drop": -0.1}):
+        with pytest.raises(ValueError, match="data." + next(iter(bad))):
+            MemoryLoader(shards[0], options(), TOKENIZER, **bad)

@@ -105,9 +105,11 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
         from vlp.data.memory import MemoryLoader
 
         return MemoryLoader(resolve_shards(cfg.train[0].shards), opts, tokenizer, dist.rank, dist.world_size,
-                            size_schedule=cfg.size_schedule)
-    if cfg.size_schedule:
-        raise ValueError("data.size_schedule needs data.in_memory: true")
+                            size_schedule=cfg.size_schedule, color_jitter=cfg.color_jitter,
+                            token_drop=cfg.token_drop)
+    for key in ("size_schedule", "color_jitter", "token_drop"):
+        if getattr(cfg, key):
+            raise ValueError(f"data.{key} needs data.in_memory: true")
     sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
