@@ -176,13 +176,24 @@ def test_token_drop_keeps_start_and_end_and_closes_each_caption_up_in_order():
 def test_color_jitter_scales_brightness_contrast_and_saturation_within_range_and_keeps_grey_grey():
     from vlp.data.memory import jitter_colors
 
-    images = torch.rand(64, 3, 8, 8) * 200 + 20
-    grey = images.mean(1, keepdim=True).expand(-1, 3, -1, -1).clone()
-    out = jitter_colors(images.clone(), 0.3, torch.Generator().manual_seed(1))
-    assert out.min() >= 0 and out.max() <= 255
+    images = torch.rand(64, 3, 8, 8) * 50 + 100  # far enough from 0 and 255 that nothing is clipped at 0.2
+    out = jitter_colors(images.clone(), 0.2, torch.Generator().manual_seed(1))
+    b, c, s = (1 + 0.2 * (2 * torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) - 1))
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+
+    def luma(x):
+        return (x * weights).sum(1)
+
+    # brightness scales the mean grey; contrast also scales the spread of grey; saturation also scales colour
+    assert torch.allclose(luma(out).mean((1, 2)), b * luma(images).mean((1, 2)), rtol=1e-4)
+    assert torch.allclose(luma(out).std((1, 2)), b * c * luma(images).std((1, 2)), rtol=1e-4)
+    colour = lambda x: x - luma(x).unsqueeze(1)  # noqa: E731
+    assert torch.allclose(colour(out), (b * c * s).view(-1, 1, 1, 1) * colour(images), atol=1e-3)
+    assert b.min() < 0.9 and b.max() > 1.1 and s.min() < 0.9 and s.max() > 1.1  # the factors do vary
     assert torch.allclose(jitter_colors(images.clone(), 0.0, torch.Generator()), images, atol=1e-3)
-    mean_ratio = out.mean((1, 2, 3)) / images.mean((1, 2, 3))  # mostly the brightness factor
-    assert mean_ratio.min() < 0.85 and mean_ratio.max() > 1.15 and mean_ratio.min() > 0.6
+    strong = jitter_colors(torch.rand(64, 3, 8, 8) * 255, 0.9, torch.Generator().manual_seed(3))
+    assert strong.min() >= 0 and strong.max() <= 255
+    grey = images.mean(1, keepdim=True).expand(-1, 3, -1, -1).clone()
     flat = jitter_colors(grey.clone(), 0.3, torch.Generator().manual_seed(2))
     assert (flat.max(1).values - flat.min(1).values).max() < 1e-3  # no colour appears in a grey image
 

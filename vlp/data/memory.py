@@ -182,19 +182,23 @@ class MemoryLoader:
         flipped = torch.tensor(flips)
         if flipped.any():
             images[flipped] = images[flipped].flip(-1)
-        generator = torch.Generator().manual_seed(rng.getrandbits(62))
+        generator = None
+        if self.color_jitter or self.token_drop:  # the batch's last draw: other batches' draws stay as they were
+            generator = torch.Generator().manual_seed(rng.getrandbits(62))
         if self.color_jitter:
             images = jitter_colors(images, self.color_jitter, generator)
         images = images.round_().clamp_(0, 255)  # the uint8 pixel grid the stream's crops have
         images = normalize_batch(images, opts.image.mean, opts.image.std) if opts.normalize else images.byte()
         token_rows = [int(self.first_caption[i]) + c for i, chosen in zip(idx, picks) for c in chosen]
+        tokens = self.tokens[token_rows]
+        if self.token_drop:
+            tokens = drop_tokens(tokens, self.token_drop, generator)
         texts = [self.captions[i][c] for i, chosen in zip(idx, picks) for c in chosen]
         rows = [self.rows[i] for i in idx]
         k = opts.captions_per_sample
         return {
             "image": images,
-            "text": drop_tokens(self.tokens[token_rows], self.token_drop, generator) if self.token_drop else
-            self.tokens[token_rows],
+            "text": tokens,
             "caption": texts if k == 1 else [texts[j * k:(j + 1) * k] for j in range(len(idx))],
             "uid": [r["uid"] for r in rows],
             "key": [r["key"] for r in rows],

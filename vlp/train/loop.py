@@ -409,13 +409,11 @@ class Trainer:
             return None
         from vlp.eval.suite import run_suite_for_training
 
-        if gathered is not None:
+        model, average = self.raw_model, self.ema
+        if gathered is not None:  # the average, if any, is already in these weights
             model = open_clip.create_model(self.exp.model.name, output_dict=True, **_logit_kwargs(self.exp.model))
-            average = None
             model.load_state_dict(gathered)
-            model.to(self.device)
-        else:
-            model, average = self.raw_model, self.ema
+            model, average = model.to(self.device), None
         model.eval()
         with average.applied(model) if average is not None else contextlib.nullcontext():
             results = run_suite_for_training(model, self.exp.model.name, self.exp.eval.suite,
