@@ -122,7 +122,7 @@ def test_flips_mirror_about_half_the_crops(shards):
     assert mirrored + same == 25 and 5 <= mirrored <= 20
 
 
-def test_several_sources_resampling_or_in_memory_options_without_it_are_config_errors(shards, tmp_path):
+def test_several_sources_resampling_or_a_size_schedule_without_in_memory_are_config_errors(shards, tmp_path):
     from vlp.config import experiment_from_dict
     from vlp.train.loop import Trainer
 
@@ -132,11 +132,17 @@ def test_several_sources_resampling_or_in_memory_options_without_it_are_config_e
                                     "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
         with pytest.raises(ValueError, match="data.in_memory holds one source"):
             Trainer(exp, tmp_path)
-    for key, value in (("size_schedule", [[0, 32]]), ("color_jitter", 0.2), ("token_drop", 0.1)):
-        exp = experiment_from_dict({"name": "m", "data": {"train": [{"shards": shards[0]}], key: value, "workers": 0},
-                                    "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
-        with pytest.raises(ValueError, match=f"data.{key} needs data.in_memory: true"):
-            Trainer(exp, tmp_path)
+    exp = experiment_from_dict({"name": "m", "data": {"train": [{"shards": shards[0]}], "size_schedule": [[0, 32]],
+                                                      "workers": 0},
+                                "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
+    with pytest.raises(ValueError, match="data.size_schedule needs data.in_memory: true"):
+        Trainer(exp, tmp_path)
+    # the augmentations also stream (tests/test_data_stream.py): the config reaches the stream's options
+    exp = experiment_from_dict({"name": "m", "data": {"train": [{"shards": shards[0]}], "color_jitter": 0.2,
+                                                      "token_drop": 0.1, "workers": 0},
+                                "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
+    trainer = Trainer(exp, tmp_path / "stream")
+    assert (trainer.loader.stream.opts.color_jitter, trainer.loader.stream.opts.token_drop) == (0.2, 0.1)
 
 
 def test_a_size_schedule_crops_early_epochs_smaller_and_must_end_at_the_model_size(shards):
@@ -153,7 +159,7 @@ def test_a_size_schedule_crops_early_epochs_smaller_and_must_end_at_the_model_si
 
 
 def test_token_drop_keeps_start_and_end_and_closes_each_caption_up_in_order():
-    from vlp.data.memory import drop_tokens
+    from vlp.data.augment import drop_tokens
 
     captions = ["a dog runs on the grass in the park with a red ball", "two kids", "a man " * 30]
     tokens = TOKENIZER(captions, context_length=24)
@@ -174,7 +180,7 @@ def test_token_drop_keeps_start_and_end_and_closes_each_caption_up_in_order():
 
 
 def test_color_jitter_scales_brightness_contrast_and_saturation_within_range_and_keeps_grey_grey():
-    from vlp.data.memory import jitter_colors
+    from vlp.data.augment import jitter_colors
 
     images = torch.rand(64, 3, 8, 8) * 50 + 100  # far enough from 0 and 255 that nothing is clipped at 0.2
     out = jitter_colors(images.clone(), 0.2, torch.Generator().manual_seed(1))
@@ -200,9 +206,9 @@ def test_color_jitter_scales_brightness_contrast_and_saturation_within_range_and
 
 def test_jittered_and_token_dropped_batches_resume_exactly_and_differ_from_plain_ones(shards):
     kw = dict(color_jitter=0.3, token_drop=0.3)
-    full = MemoryLoader(shards[0], options(batch_size=5), TOKENIZER, **kw)
+    full = MemoryLoader(shards[0], options(batch_size=5, **kw), TOKENIZER)
     batches = list(full)
-    resumed = MemoryLoader(shards[0], options(batch_size=5), TOKENIZER, **kw)
+    resumed = MemoryLoader(shards[0], options(batch_size=5, **kw), TOKENIZER)
     resumed.load_state_dict({"epoch": 0, "next_batch": 2})
     for a, b in zip(batches[2:], resumed):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
@@ -212,4 +218,4 @@ def test_jittered_and_token_dropped_batches_resume_exactly_and_differ_from_plain
     assert (batches[0]["text"] != 0).sum() < (plain[0]["text"] != 0).sum()
     for bad in ({"color_jitter": 1.0}, {"token_drop": -0.1}):
         with pytest.raises(ValueError, match="data." + next(iter(bad))):
-            MemoryLoader(shards[0], options(), TOKENIZER, **bad)
+            MemoryLoader(shards[0], options(**bad), TOKENIZER)

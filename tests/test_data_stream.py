@@ -204,34 +204,52 @@ def test_reads_tars_from_a_pipe_with_directories_and_odd_members(tmp_path):
     assert batch["key"] == ["sub/a"] and batch["caption"] == ["x"]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_loader_resumes_exactly_mid_epoch(tmp_path, workers):
+@pytest.mark.parametrize("workers,augment", [(0, False), (2, False), (2, True)])
+def test_loader_resumes_exactly_mid_epoch(tmp_path, workers, augment):
+    import open_clip
+
+    import vlp.models  # noqa: F401 - registers vlp-tiny-32
+
     make_shard_set(tmp_path, [23, 17, 30])
     broken = {"__key__": "bad", "jpg": b"not a jpeg", "txt": b"x"}
     write_tar(tmp_path / "00003.tar", [broken] + [make_sample(f"z{i}", 100 + i) for i in range(5)])
     spec = f"{tmp_path}/{{00000..00003}}.tar"
+    extra = {"color_jitter": 0.3, "token_drop": 0.3} if augment else {}
 
-    def loader():
-        return Loader(ShardStream(spec, options(shuffle_buffer=16, seed=5, image=ImageOptions(size=16, train=True))),
-                      workers=workers)
+    def loader(**kw):
+        opts = options(shuffle_buffer=16, seed=5, image=ImageOptions(size=16, train=True), **{**extra, **kw})
+        return Loader(ShardStream(spec, opts, open_clip.get_tokenizer("vlp-tiny-32")), workers=workers)
+
+    def entries(batches):
+        return [(b["key"], b["image"], b["text"]) for b in batches]
 
     full = loader()
     full.set_epoch(1)
-    reference = [(b["key"], b["image"]) for b in full]
+    reference = entries(full)
     first = loader()
     first.set_epoch(1)
     head = []
     for batch in first:
-        head.append((batch["key"], batch["image"]))
+        head += entries([batch])
         if len(head) == 4:
             break
     state = first.state_dict()
     resumed = loader()
     resumed.load_state_dict(json.loads(json.dumps(state)))  # the state survives a JSON round trip
-    tail = [(b["key"], b["image"]) for b in resumed]
-    assert [k for k, _ in head + tail] == [k for k, _ in reference]
-    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(head + tail, reference)), "augmentation must replay"
+    tail = entries(resumed)
+    assert [e[0] for e in head + tail] == [e[0] for e in reference]
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(head + tail, reference)), \
+        "augmentation must replay"
     assert resumed.skipped["image_decode"] == 1 and resumed.epoch == 2
+    if augment:  # the same samples and crops, with colours jittered and caption tokens dropped
+        plain = loader(color_jitter=0.0, token_drop=0.0)
+        plain.set_epoch(1)
+        plain = entries(plain)
+        assert [e[0] for e in plain] == [e[0] for e in reference]
+        assert not any(torch.equal(a[1], b[1]) for a, b in zip(plain, reference))
+        assert sum(int((b[2] != 0).sum()) for b in reference) < sum(int((a[2] != 0).sum()) for a in plain)
+        with pytest.raises(ValueError, match="data.token_drop"):
+            loader(token_drop=1.0)
 
 
 def test_the_next_epoch_starts_early_and_yields_the_same_batches(tmp_path):

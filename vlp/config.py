@@ -47,10 +47,10 @@ class DataConfig:
     in_memory: bool = False  # decode one source's samples once and keep them in RAM (vlp/data/memory.py)
     # in memory only: [[epoch, size], ...], crops of that size from that epoch on (the last size = the model's)
     size_schedule: Optional[list[list[int]]] = None
-    # in memory only: each image's brightness, contrast and saturation scaled by factors drawn from [1-j, 1+j]
+    # each image's brightness, contrast and saturation scaled by factors drawn from [1-j, 1+j]
     # (hue kept: captions name colours); 0 = off
     color_jitter: float = 0.0
-    # in memory only: each caption token other than the first and the end-of-text token dropped with this
+    # each caption token other than the first and the end-of-text token dropped with this
     # probability (the caption closes up); 0 = off
     token_drop: float = 0.0
 

@@ -15,10 +15,7 @@ Same semantics as the stream's epoch mode, with a data state of its own:
 The crop is resampled with roi_align (bilinear, with as many samples per output pixel as the box is larger than
 the output: an area-like filter) instead of PIL's bicubic: on a smooth 64 px test image shrunk to 32 px the two
 differ by 0.24 grey levels on average (``tests/test_data_memory.py``).
-Augmentations that exist in memory only, drawn from the same per-batch generator (so resume stays exact):
-``data.color_jitter`` (brightness, contrast and saturation of each crop; hue is kept, since captions name colours)
-and ``data.token_drop`` (caption tokens dropped at random, the caption closed up: a cheap text augmentation that
-also shortens the packed text tower's work).
+``data.color_jitter`` and ``data.token_drop`` (vlp/data/augment.py) are drawn after the rest of the batch.
 ``data.size_schedule`` (in memory only) lowers the crop size of early epochs (progressive resizing, as in FFCV's
 ImageNet recipes); a convolutional tower takes any size, and the last entry must be the model's own.
 Not for resampled or mixed sources (they stream).
@@ -36,6 +33,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
+from vlp.data.augment import augment_batch, check_augment
 from vlp.data.preprocess import BadSample, decode_rgb, normalize_batch, parse_sample, random_resized_crop_box
 from vlp.data.shards import expand, iter_raw_samples
 from vlp.data.stream import StreamOptions, check_caption_options, split_range
@@ -47,18 +45,13 @@ class MemoryLoader:
     """The interface of :class:`vlp.data.Loader` (iteration, epochs, state, ``skipped``) over samples in memory."""
 
     def __init__(self, shards: str | list[str], opts: StreamOptions, tokenizer: Callable, rank: int = 0,
-                 world_size: int = 1, size_schedule: list[tuple[int, int]] | None = None, color_jitter: float = 0.0,
-                 token_drop: float = 0.0):
+                 world_size: int = 1, size_schedule: list[tuple[int, int]] | None = None):
         check_caption_options(opts.caption, opts.captions_per_sample)
         if not opts.image.train:
             raise ValueError("data.in_memory makes training batches (random crops) only")
         self.opts, self.rank, self.world_size = opts, rank, world_size
         self.size_schedule = check_size_schedule(size_schedule, opts.image.size)
-        if not 0 <= color_jitter < 1:
-            raise ValueError(f"data.color_jitter: {color_jitter} is not in [0, 1)")
-        if not 0 <= token_drop < 1:
-            raise ValueError(f"data.token_drop: {token_drop} is not in [0, 1)")
-        self.color_jitter, self.token_drop = color_jitter, token_drop
+        check_augment(opts.color_jitter, opts.token_drop)
         self.skipped: Counter = Counter()
         self.epoch, self.next_batch = 0, 0
         self._load(shards, tokenizer)
@@ -182,17 +175,12 @@ class MemoryLoader:
         flipped = torch.tensor(flips)
         if flipped.any():
             images[flipped] = images[flipped].flip(-1)
-        generator = None
-        if self.color_jitter or self.token_drop:  # the batch's last draw: other batches' draws stay as they were
-            generator = torch.Generator().manual_seed(rng.getrandbits(62))
-        if self.color_jitter:
-            images = jitter_colors(images, self.color_jitter, generator)
         images = images.round_().clamp_(0, 255)  # the uint8 pixel grid the stream's crops have
-        images = normalize_batch(images, opts.image.mean, opts.image.std) if opts.normalize else images.byte()
         token_rows = [int(self.first_caption[i]) + c for i, chosen in zip(idx, picks) for c in chosen]
         tokens = self.tokens[token_rows]
-        if self.token_drop:
-            tokens = drop_tokens(tokens, self.token_drop, generator)
+        if opts.color_jitter or opts.token_drop:  # the batch's last draw: other batches' draws stay as they were
+            images, tokens = augment_batch(images, tokens, opts.color_jitter, opts.token_drop, rng.getrandbits(62))
+        images = normalize_batch(images, opts.image.mean, opts.image.std) if opts.normalize else images.byte()
         texts = [self.captions[i][c] for i, chosen in zip(idx, picks) for c in chosen]
         rows = [self.rows[i] for i in idx]
         k = opts.captions_per_sample
@@ -208,31 +196,6 @@ class MemoryLoader:
             "source": torch.zeros(len(rows), dtype=torch.long),
             "meta": [r["meta"] for r in rows],
         }
-
-
-def jitter_colors(images: torch.Tensor, amount: float, generator: torch.Generator) -> torch.Tensor:
-    """Scale each image's brightness, then contrast (about its mean grey), then saturation (about each pixel's
-    grey) by factors drawn uniformly from [1 - amount, 1 + amount]; ``images``: (n, 3, h, w) floats in [0, 255]."""
-    n = images.shape[0]
-    factors = 1 + amount * (2 * torch.rand(3, n, 1, 1, 1, generator=generator) - 1)
-    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # ITU-R 601 luma, as torchvision's grayscale
-    images = (images * factors[0]).clamp_(0, 255)
-    mean = (images * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
-    images = ((images - mean) * factors[1] + mean).clamp_(0, 255)
-    grey = (images * weights).sum(1, keepdim=True)
-    return ((images - grey) * factors[2] + grey).clamp_(0, 255)
-
-
-def drop_tokens(tokens: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Drop each token of each row with probability ``p`` and close the row up (zeros after it), keeping the
-    first token (start of text) and the last non-zero one (end of text, also where a long caption was cut)."""
-    n, length = tokens.shape
-    positions = torch.arange(length).expand(n, length)
-    last = torch.where(tokens != 0, positions, -1).max(1, keepdim=True).values
-    keep = (torch.rand(n, length, generator=generator) >= p) | (positions == 0) | (positions >= last)
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices  # kept tokens first, in order
-    closed = tokens.gather(1, order)
-    return closed.masked_fill_(positions >= keep.sum(1, keepdim=True), 0)
 
 
 def check_size_schedule(schedule, final: int) -> list[tuple[int, int]]:

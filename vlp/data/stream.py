@@ -17,6 +17,9 @@ then shuffled together by the buffer.
 
 Bad samples are skipped and counted per reason; each batch carries the counts its worker has accumulated
 since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``loader.skipped``).
+
+Batch augmentations (``color_jitter``, ``token_drop``: vlp/data/augment.py) draw from a generator seeded by
+(seed, epoch, worker slot, sample position), so a resumed stream replays them too.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlp.data.augment import augment_batch, check_augment
 from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, normalize_batch, parse_sample
 from vlp.data.shards import Shard, expand, iter_raw_samples
 
@@ -56,6 +60,8 @@ class StreamOptions:
     captions_per_sample: int = 1  # > 1 (caption "random"): that many captions per image, text rows image-major
     require_text: bool = True
     image: ImageOptions = field(default_factory=ImageOptions)
+    color_jitter: float = 0.0  # brightness, contrast, saturation factors in [1-j, 1+j] (vlp/data/augment.py)
+    token_drop: float = 0.0  # each caption token but the start and end-of-text dropped with this probability
     normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
 
 
@@ -104,6 +110,7 @@ class ShardStream(IterableDataset):
         if not sources:
             raise ValueError("a stream needs at least one source")
         check_caption_options(opts.caption, opts.captions_per_sample)
+        check_augment(opts.color_jitter, opts.token_drop)
         self.opts = opts
         self.tokenizer = tokenizer
         self.shards = [expand(s.shards) for s in sources]
@@ -227,17 +234,23 @@ class ShardStream(IterableDataset):
         return parsed
 
     def _collate(self, batch: list[dict], skipped: Counter, slot: int, position: int) -> dict:
+        opts = self.opts
         images = torch.stack([s["image"] for s in batch])
-        if self.opts.normalize:
-            images = normalize_batch(images, self.opts.image.mean, self.opts.image.std)
-        if self.opts.captions_per_sample > 1:  # B images, then B*k text rows: image i's captions at i*k..i*k+k-1
+        if opts.captions_per_sample > 1:  # B images, then B*k text rows: image i's captions at i*k..i*k+k-1
             captions = [s["texts"] for s in batch]
             texts = [t for group in captions for t in group]
         else:
             captions = texts = [s["text"] for s in batch]
+        tokens = self.tokenizer(texts) if self.tokenizer is not None else None
+        if opts.color_jitter or opts.token_drop:  # seeded by the batch's place in this worker's sequence
+            seed = random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}/augment").getrandbits(62)
+            images, tokens = augment_batch(images, tokens, opts.color_jitter, opts.token_drop, seed)
+            images = images.byte()  # back to the decoder's uint8
+        if opts.normalize:
+            images = normalize_batch(images, opts.image.mean, opts.image.std)
         out = {
             "image": images,
-            "text": self.tokenizer(texts) if self.tokenizer is not None else texts,
+            "text": tokens if tokens is not None else texts,
             "caption": captions,  # per sample: a string, or a list of k with captions_per_sample k
             "uid": [s["uid"] for s in batch],
             "key": [s["key"] for s in batch],

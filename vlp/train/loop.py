@@ -94,7 +94,8 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
     opts = StreamOptions(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
                          drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption,
-                         captions_per_sample=cfg.captions_per_sample, image=image)
+                         captions_per_sample=cfg.captions_per_sample, image=image, color_jitter=cfg.color_jitter,
+                         token_drop=cfg.token_drop)
     if not cfg.train:
         raise ValueError("data.train: no training source given")
     check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
@@ -105,11 +106,9 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
         from vlp.data.memory import MemoryLoader
 
         return MemoryLoader(resolve_shards(cfg.train[0].shards), opts, tokenizer, dist.rank, dist.world_size,
-                            size_schedule=cfg.size_schedule, color_jitter=cfg.color_jitter,
-                            token_drop=cfg.token_drop)
-    for key in ("size_schedule", "color_jitter", "token_drop"):
-        if getattr(cfg, key):
-            raise ValueError(f"data.{key} needs data.in_memory: true")
+                            size_schedule=cfg.size_schedule)
+    if cfg.size_schedule:
+        raise ValueError("data.size_schedule needs data.in_memory: true")
     sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
