@@ -18,12 +18,13 @@ def check_augment(color_jitter: float, token_drop: float) -> None:
 
 def augment_batch(images: torch.Tensor, tokens: torch.Tensor | None, color_jitter: float, token_drop: float,
                   seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``images`` (n, 3, h, w) in [0, 255] (floats are rounded to the uint8 grid, as crops are) and ``tokens``
-    (or None) with the augmentations that are on, drawn from a generator seeded with ``seed``. Images come back
-    as floats on the uint8 grid when jittered, unchanged otherwise."""
+    """``images`` (n, 3, h, w) on the uint8 grid [0, 255] (uint8, or floats as the in-memory crops are) and
+    ``tokens`` (or None) with the augmentations that are on, drawn from a generator seeded with ``seed``. Jittered
+    images are rounded back to the grid and keep their dtype."""
     generator = torch.Generator().manual_seed(seed)
     if color_jitter:
-        images = jitter_colors(images.float(), color_jitter, generator).round_().clamp_(0, 255)
+        jittered = jitter_colors(images.float(), color_jitter, generator).round_().clamp_(0, 255)
+        images = jittered.to(images.dtype)
     if token_drop and tokens is not None:
         tokens = drop_tokens(tokens, token_drop, generator)
     return images, tokens

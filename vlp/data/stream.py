@@ -245,7 +245,6 @@ class ShardStream(IterableDataset):
         if opts.color_jitter or opts.token_drop:  # seeded by the batch's place in this worker's sequence
             seed = random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}/augment").getrandbits(62)
             images, tokens = augment_batch(images, tokens, opts.color_jitter, opts.token_drop, seed)
-            images = images.byte()  # back to the decoder's uint8
         if opts.normalize:
             images = normalize_batch(images, opts.image.mean, opts.image.std)
         out = {
