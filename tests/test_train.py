@@ -12,7 +12,9 @@ from conftest import make_shard_set
 from vlp.config import experiment_from_dict
 from vlp.models.trim import TrimmedConv2d
 from vlp.train import checkpoint
-from vlp.train.loop import Trainer, TrainingDiverged
+from vlp.data.preprocess import normalize_batch
+from vlp.train.distributed import DistInfo
+from vlp.train.loop import Trainer, TrainingDiverged, build_loader
 
 
 def experiment(shards, **sections):
@@ -141,15 +143,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
     trainer = Trainer(exp, tmp_path)
     real_step = trainer.train_step
 
+    before = {}
+
     def poisoned(micro):
         if trainer.step == 3:
             with torch.no_grad():
                 trainer.raw_model.logit_scale.fill_(float("nan"))
+            before.update(weights(trainer))
         return real_step(micro)
 
     trainer.train_step = poisoned
     with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4 .*step-0000002"):
         trainer.train()
+    # the backward ran (the check waits until it is queued) but the optimizer never moved a weight
+    after = weights(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "logit_scale")
+    assert any(p.grad is not None for p in trainer.raw_model.parameters())
     model_state, state = checkpoint.load(checkpoint.latest(tmp_path))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in model_state.values())
 
@@ -255,6 +264,41 @@ def test_channels_last_trains_the_same_weights_and_saves_plain_ones(shards, tmp_
     open_clip.create_model("vlp-r10t-32-t2").load_state_dict(saved)
     with pytest.raises(ValueError, match="model.channels_last cannot be combined with train.fsdp"):
         Trainer(experiment(shards, model={"channels_last": True}, train={"fsdp": True}), tmp_path / "fsdp")
+
+
+def test_uint8_batches_are_normalised_by_the_trainer_as_the_loader_would(shards, tmp_path):
+    # On an accelerator the loaders hand over uint8 images (a quarter of the bytes to copy) and the trainer
+    # normalises them after the copy: the step must be the one a normalised batch gives.
+    exp = experiment(shards, train={"max_steps": 2})
+    plain, raw = Trainer(exp, tmp_path / "plain"), Trainer(exp, tmp_path / "raw")
+    batch = next(iter(plain.loader))
+    assert batch["image"].dtype == torch.float32  # on the CPU the loader normalises
+    images = torch.randint(0, 256, batch["image"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pp = open_clip.get_model_preprocess_cfg(plain.raw_model)
+    before = weights(plain)
+    plain.train_step([{**batch, "image": normalize_batch(images, pp["mean"], pp["std"])}])
+    raw.train_step([{**batch, "image": images}])
+    after_plain, after_raw = weights(plain), weights(raw)
+    assert not torch.equal(after_plain["visual.conv1.weight"], before["visual.conv1.weight"])
+    assert all(torch.equal(after_plain[k], after_raw[k]) for k in after_plain)
+
+    for in_memory in (False, True):  # a CUDA trainer's loaders keep uint8 (building one needs no GPU)
+        loader = build_loader(experiment(shards, data={"in_memory": in_memory}).data, plain.raw_model,
+                              open_clip.get_tokenizer("vlp-tiny-32"), DistInfo(device=torch.device("cuda")), 0)
+        opts = loader.opts if in_memory else loader.stream.opts
+        assert opts.normalize is False
+
+
+@pytest.mark.parametrize("max_steps,starts", [(None, 2), (4, 1)])
+def test_the_next_epochs_workers_start_early_only_if_the_run_reaches_it(shards, tmp_path, max_steps, starts):
+    # 2 epochs of 6 steps: epoch 1's workers start during epoch 0; none start for an epoch 2 the run never sees,
+    # nor for epoch 1 when max_steps ends the run in epoch 0
+    trainer = Trainer(experiment(shards, data={"workers": 2}, train={"max_steps": max_steps}), tmp_path)
+    started, real_start = [], trainer.loader._start
+    trainer.loader._start = lambda epoch, positions: started.append(epoch) or real_start(epoch, positions)
+    trainer.train()
+    assert trainer.step == (max_steps or 12)
+    assert started == list(range(starts))
 
 
 def test_trimmed_convolutions_and_packed_text_train_the_same_weights(shards, tmp_path):

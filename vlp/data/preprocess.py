@@ -130,11 +130,21 @@ class ImageDecoder:
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
+class Normalize:
+    """uint8 (N, 3, H, W) -> float32, scaled to [0, 1] and normalised, as ToTensor + Normalize would. The constants
+    live on ``device``, so a trainer normalises batches on its accelerator without a host copy per batch."""
+
+    def __init__(self, mean, std, device: torch.device | str | None = None):
+        self.shift = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0
+        self.scale = 1.0 / (torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1) * 255.0)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.shift) * self.scale
+
+
 def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float32, scaled to [0, 1] and normalised, as ToTensor + Normalize would."""
-    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-    inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-    return (images.float() - mean) * inv_std
+    """:class:`Normalize` on the CPU, for one batch."""
+    return Normalize(mean, std)(images)
 
 
 def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random, count: int = 1) -> dict:

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import vlp.models  # registers vlp's model configs
 from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
-from vlp.data.preprocess import ImageOptions
+from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.stream import check_caption_options
 from vlp.models.packed_text import pack_text
 from vlp.models.trim import trim_dead_taps
@@ -95,7 +95,7 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
                          drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption,
                          captions_per_sample=cfg.captions_per_sample, image=image, color_jitter=cfg.color_jitter,
-                         token_drop=cfg.token_drop)
+                         token_drop=cfg.token_drop, normalize=dist.device.type == "cpu")
     if not cfg.train:
         raise ValueError("data.train: no training source given")
     check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
@@ -133,6 +133,9 @@ class Trainer:
             raise ValueError(f"train.threads: {exp.train.threads} is not a thread count (1 or more, or null)")
         if exp.train.threads and self.device.type == "cpu":
             torch.set_num_threads(exp.train.threads)
+        if self.device.type == "cuda":  # as open_clip_train: fp32 matmuls in TF32, cuDNN picks its fastest kernels
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
         self.run_dir = Path(run_dir) if run_dir else Path(exp.out) / exp.name
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +154,10 @@ class Trainer:
                            for o in exp.objectives]
         self.loader = build_loader(exp.data, model, open_clip.get_tokenizer(exp.model.name), self.dist,
                                    exp.train.seed)
+        # On an accelerator the loaders hand over uint8 images (a quarter of the bytes to copy and pin), normalised
+        # here after the copy; on the CPU they arrive normalised.
+        pp = open_clip.get_model_preprocess_cfg(model)
+        self.normalize = Normalize(pp["mean"], pp["std"], self.device)
         per_epoch = self.loader.batches_per_epoch()
         self.steps_per_epoch = per_epoch // exp.train.accum_steps if per_epoch is not None else None
         if exp.train.max_steps is None and not self.steps_per_epoch:
@@ -172,6 +179,7 @@ class Trainer:
         try:
             while not self._finished():
                 self.loader.set_epoch(self.epoch)
+                self._plan_lookahead()
                 if self._run_epoch():
                     self.epoch += 1
             if self._stop:
@@ -208,20 +216,28 @@ class Trainer:
                 self.evaluate()
         return False
 
+    def _plan_lookahead(self) -> None:
+        """The streaming loader starts the next epoch's workers before this one ends: only worth it when the run
+        goes on past this epoch. Otherwise they would fork and fill shuffle buffers for nothing, taking the cores
+        the last batches need (on a 16-core GPU host, a 6 s stall at the end of a one-epoch ViT-B/32 run)."""
+        if getattr(self.loader, "lookahead", None) is None or not self.steps_per_epoch:
+            return
+        if not hasattr(self, "_lookahead"):
+            self._lookahead = self.loader.lookahead
+        self.loader.lookahead = self._lookahead and self.total_steps > (self.epoch + 1) * self.steps_per_epoch
+
     def _finished(self) -> bool:
         return self.step >= self.total_steps or self._stop
 
     def train_step(self, micro: list[dict]) -> dict:
         self.model.train()
         lr = set_lr(self.optimizer, self.exp.optim.lr, lr_factor(self.step, self.total_steps, self.exp.schedule))
-        memory_format = torch.channels_last if self.exp.model.channels_last else torch.preserve_format
-        inputs = [(b["image"].to(self.device, non_blocking=True, memory_format=memory_format),
-                   b["text"].to(self.device, non_blocking=True)) for b in micro]
+        inputs = [self._inputs(b) for b in micro]
         if len(micro) == 1:
             with self.autocast:
                 loss, metrics = self._loss(self.model(*inputs[0]), micro[0])
-            self._check_finite(loss)
             self.scaler.scale(loss).backward()
+            losses = [loss.detach()]
         else:
             with torch.no_grad(), self.autocast:
                 cached = [self.model(*x) for x in inputs]
@@ -238,10 +254,9 @@ class Trainer:
                             if merged.get(key) is not None:
                                 merged[key] = merged[key].detach()
                     loss, metrics = self._loss(merged, merged_batch)
-                self._check_finite(loss)
                 self.scaler.scale(loss).backward()  # each backward adds the gradient through micro-batch j
                 losses.append(loss.detach())
-            loss = losses[-1]
+        logged = self._read_back(losses, metrics)  # raises before the optimizer moves if a loss is not finite
         self._sync_replicated_grads()
         if self.exp.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
@@ -253,9 +268,17 @@ class Trainer:
             self.raw_model.logit_scale.clamp_(0, math.log(self.exp.model.logit_scale_max))
         if self.ema is not None:
             self.ema.update(self.raw_model)
-        return {"loss": self._global_loss, "lr": lr, **{k: float(v) for k, v in metrics.items()}}
+        return {"loss": logged.pop("loss"), "lr": lr, **logged}
 
     # -- pieces --------------------------------------------------------------------------------------------
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = batch["image"].to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = self.normalize(images)
+        if self.exp.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch["text"].to(self.device, non_blocking=True)
+
     def _loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         total, metrics = 0.0, {}
         for weight, name, objective in self.objectives:
@@ -265,17 +288,29 @@ class Trainer:
             metrics.update(extra)
         return total, metrics
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
-        # One all-reduce carries the loss (for logging) and the SIGTERM flag, so every rank agrees on both.
-        packed = torch.stack([loss.detach().float(), torch.tensor(float(self._stop), device=loss.device)])
+    def _read_back(self, losses: list[torch.Tensor], metrics: dict) -> dict:
+        """The step's one read from the device, after the backward passes are queued (an accelerator runs them
+        while the host waits here) and before the optimizer moves: the loss, whether every micro-batch's loss is
+        finite, the SIGTERM flag and the metrics, in one transfer (one all-reduce across ranks, so every rank
+        agrees on all of them). Raises :class:`TrainingDiverged` on a loss that is not finite."""
+        names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        device = losses[-1].device
+        flag = torch.full((), float(self._stop), device=device)  # a fill, not a host-to-device copy
+        packed = torch.stack([losses[-1].float(), torch.stack(losses).float().sum(), flag,
+                              *(metrics[k].detach().float().reshape(()) for k in names)])
         if self.dist.distributed:
             torch.distributed.all_reduce(packed)
-            packed[0] /= self.dist.world_size
-        self._global_loss, self._stop = packed[0].item(), bool(packed[1].item())
-        if not math.isfinite(self._global_loss):
+            packed /= self.dist.world_size
+        values = packed.tolist()
+        loss, total, stop = values[:3]
+        self._stop = stop > 0
+        if not (math.isfinite(loss) and math.isfinite(total)):
             last = checkpoint.latest(self.run_dir)
-            raise TrainingDiverged(f"loss became {self._global_loss} at step {self.step + 1} (epoch {self.epoch}); "
-                                   f"the optimizer did not step. Last good checkpoint: {last or 'none'}")
+            raise TrainingDiverged(f"loss became {loss if not math.isfinite(loss) else total} at step "
+                                   f"{self.step + 1} (epoch {self.epoch}); the optimizer did not step. "
+                                   f"Last good checkpoint: {last or 'none'}")
+        return {"loss": loss, **{k: float(v) for k, v in metrics.items() if k not in names},
+                **dict(zip(names, values[3:]))}
 
     def _sync_replicated_grads(self) -> None:
         for p in self.replicated:
