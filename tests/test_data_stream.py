@@ -205,7 +205,7 @@ def test_reads_tars_from_a_pipe_with_directories_and_odd_members(tmp_path):
 
 
 @pytest.mark.parametrize("workers,augment", [(0, False), (2, False), (2, True)])
-def test_loader_resumes_exactly_mid_epoch(tmp_path, workers, augment):
+def test_loader_resumes_exactly_mid_epoch(tmp_path, monkeypatch, workers, augment):
     import open_clip
 
     import vlp.models  # noqa: F401 - registers vlp-tiny-32
@@ -248,6 +248,14 @@ def test_loader_resumes_exactly_mid_epoch(tmp_path, workers, augment):
         assert [e[0] for e in plain] == [e[0] for e in reference]
         assert not any(torch.equal(a[1], b[1]) for a, b in zip(plain, reference))
         assert sum(int((b[2] != 0).sum()) for b in reference) < sum(int((a[2] != 0).sum()) for a in plain)
+        # each batch draws its own augmentation (in-process here, so the seeds can be watched)
+        import vlp.data.stream as stream_module
+
+        seeds, real = [], stream_module.augment_batch
+        monkeypatch.setattr(stream_module, "augment_batch", lambda *a: seeds.append(a[-1]) or real(*a))
+        watched = Loader(loader().stream, workers=0)
+        watched.set_epoch(1)
+        assert len(entries(watched)) == len(seeds) > 5 and len(set(seeds)) == len(seeds)
         with pytest.raises(ValueError, match="data.token_drop"):
             loader(token_drop=1.0)
 
