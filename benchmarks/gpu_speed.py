@@ -17,8 +17,9 @@ that would start too late) and writes ``OUT/<part>.json``; ``OUT/gpu_speed.{json
   swapped likewise. The clock starts after ``--warmup`` steps (device synchronised) and stops after the last
   step's optimizer update. ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip);
   ``-compile`` is ``model.compile: true`` / ``--torchcompile``.
-- ``e2e-*``: each tool's command line from the shards (``--workers`` loader processes, resampled shards), its log
-  polled every 0.05 s: samples/s between the first logged step at or after ``--e2e-skip`` and the last step.
+- ``e2e-*``: each tool's command line from the shards (``--workers`` loader processes, resampled shards, full
+  batches only), its log polled every 0.05 s: samples/s between the first logged step at or after ``--e2e-skip``
+  and the last step.
 MFU = samples/s x nominal FLOPs per sample / the GPU's dense bf16 peak (datasheet; also given against the
 measured matrix-product ceiling).
 """
@@ -311,7 +312,8 @@ def part_e2e_vlp(args) -> dict:
     run = Path(args.out) / "e2e-vlp"
     sets = vlp_sets(args, shard_spec(args)) + [
         f"data.workers={args.workers}", "data.resampled=true", f"data.samples_per_epoch={args.e2e_steps * args.batch}",
-        f"train.max_steps={args.e2e_steps}", "data.shuffle_buffer=1000", "train.log_every=10"]
+        f"train.max_steps={args.e2e_steps}", "data.shuffle_buffer=1000", "train.log_every=10",
+        "data.drop_last=true"]  # full batches only, as open_clip_train's: samples = steps x batch
     cmd = [sys.executable, "-m", "vlp", "train", "configs/flickr8k-tiny.yaml", "--run-dir", str(run)]
     for s in sets:
         cmd += ["--set", s]
