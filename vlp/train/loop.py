@@ -293,7 +293,7 @@ class Trainer:
         while the host waits here) and before the optimizer moves: the loss, whether every micro-batch's loss is
         finite, the SIGTERM flag and the metrics, in one transfer (one all-reduce across ranks, so every rank
         agrees on all of them). Raises :class:`TrainingDiverged` on a loss that is not finite."""
-        names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+        names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
         device = losses[-1].device
         flag = torch.full((), float(self._stop), device=device)  # a fill, not a host-to-device copy
         packed = torch.stack([losses[-1].float(), torch.stack(losses).float().sum(), flag,
