@@ -10,9 +10,9 @@ import torch
 
 from conftest import make_shard_set
 from vlp.config import experiment_from_dict
+from vlp.data.preprocess import normalize_batch
 from vlp.models.trim import TrimmedConv2d
 from vlp.train import checkpoint
-from vlp.data.preprocess import normalize_batch
 from vlp.train.distributed import DistInfo
 from vlp.train.loop import Trainer, TrainingDiverged, build_loader
 
