@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlp.models  # noqa: F401  (registers vlp's model configs)
-from vlp.models.packed_text import pack_text
+from vlp.models.packed_text import attach_plan, pack_text
 from vlp.models.trim import TrimmedConv2d, live_window, trim_dead_taps, trimmed_names
 
 
@@ -100,6 +100,17 @@ def test_packed_text_tower_equals_open_clips_and_gives_the_same_gradients():
     model.eval()  # (BatchNorm) the forward uses the packed tower too
     _, full, _ = model(torch.randn(4, 3, 32, 32), text)
     assert torch.allclose(full, torch.nn.functional.normalize(ref.detach(), dim=-1), atol=1e-5)
+
+
+def test_a_packing_plan_from_the_host_gives_the_same_tower_and_is_the_one_used():
+    torch.manual_seed(0)
+    model = open_clip.create_model("vlp-r10t-32-t2")
+    assert pack_text(model) is None
+    text = open_clip.get_tokenizer("vlp-r10t-32-t2")(["a dog", "a man in a red shirt climbs a rock", "two cats"])
+    ref = model.encode_text(text)
+    assert torch.equal(model.encode_text(attach_plan(text, text.clone())), ref)
+    # another batch's plan (the captions' lengths rolled): used as given, so the result changes
+    assert not torch.allclose(model.encode_text(attach_plan(text.roll(1, 0), text.clone())), ref, atol=1e-3)
 
 
 def test_text_towers_packing_cannot_reproduce_are_left_alone():

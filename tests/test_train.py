@@ -308,6 +308,9 @@ def test_trimmed_convolutions_and_packed_text_train_the_same_weights(shards, tmp
         trainer = Trainer(exp, tmp_path / str(faster))
         assert isinstance(trainer.raw_model.visual.trunk.layer4[0].conv2, TrimmedConv2d) == faster
         assert ("encode_text" in vars(trainer.raw_model)) == faster
+        # packed, the tokens reach the model with their packing plan, worked out on the host
+        _, text = trainer._inputs(next(iter(trainer.loader)))
+        assert hasattr(text, "vlp_packing_plan") == faster
         trainer.train()
         return weights(trainer)
 

@@ -6,6 +6,10 @@ them. Flickr8k captions fill about 14 of a 24-token context, so most of the line
 ``encode_text_packed`` runs the embedding, layer norms, projections and MLPs on the caption tokens only (one row
 per token of the whole batch); attention, which needs the grid, scatters the packed rows into it and gathers
 them back. Same parameters, same result up to rounding; the model keeps its modules and state dict.
+
+Where the rows go depends on the captions' lengths, which the forward would have to read back from an
+accelerator (twice, each a wait for the queued work). A trainer that still holds the tokens on the host computes
+the plan there (:func:`attach_plan`) and the tensor it hands the model carries it.
 """
 from __future__ import annotations
 
@@ -35,14 +39,27 @@ def why_not_packed(model: torch.nn.Module) -> str | None:
     return None
 
 
-def encode_text_packed(self: open_clip.CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-    """``open_clip.CLIP.encode_text`` over the tokens up to each caption's end-of-text token (bound to a model by
-    ``pack_text``)."""
-    batch = text.shape[0]
+def packing_plan(text: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(grid length, packed row -> position in the (batch x length) grid, each caption's end-of-text position)."""
     last = text.argmax(dim=-1)  # the end-of-text position open_clip pools
     length = int(last.max()) + 1  # later positions are padding in every caption
     keep = (torch.arange(length, device=text.device) <= last[:, None]).flatten()
-    rows = keep.nonzero().squeeze(1)  # packed row -> position in the (batch x length) grid
+    return length, keep.nonzero().squeeze(1), last
+
+
+def attach_plan(host_text: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``text`` (``host_text`` copied to its device) carrying the packing plan worked out on the host, so the packed
+    forward reads nothing back from the device. Returns ``text``."""
+    length, rows, last = packing_plan(host_text)
+    text.vlp_packing_plan = (length, rows.to(text.device, non_blocking=True), last.to(text.device, non_blocking=True))
+    return text
+
+
+def encode_text_packed(self: open_clip.CLIP, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    """``open_clip.CLIP.encode_text`` over the tokens up to each caption's end-of-text token (bound to a model by
+    ``pack_text``); the plan comes with ``text`` (:func:`attach_plan`) or is worked out here."""
+    batch = text.shape[0]
+    length, rows, last = getattr(text, "vlp_packing_plan", None) or packing_plan(text)
     cast = self.transformer.get_cast_dtype()
     x = self.token_embedding(text[:, :length].flatten()[rows]).to(cast)
     x = x + self.positional_embedding[rows % length].to(cast)

@@ -32,7 +32,7 @@ from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.stream import check_caption_options
-from vlp.models.packed_text import pack_text
+from vlp.models.packed_text import attach_plan, pack_text
 from vlp.models.trim import trim_dead_taps
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
@@ -277,7 +277,10 @@ class Trainer:
             images = self.normalize(images)
         if self.exp.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, batch["text"].to(self.device, non_blocking=True)
+        text = batch["text"].to(self.device, non_blocking=True)
+        if "encode_text" in vars(self.raw_model):  # packed: its plan from the host tokens, no read from the device
+            text = attach_plan(batch["text"], text)
+        return images, text
 
     def _loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         total, metrics = 0.0, {}
