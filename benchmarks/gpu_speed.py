@@ -144,12 +144,13 @@ def part_flops(args) -> dict:
 
 
 class Resident:
-    """Resident batches as a loader: the clock starts (device synchronised) when batch ``warmup`` is asked for."""
+    """Resident batches as a loader: the clock starts (device synchronised) when batch ``warmup`` is asked for, and
+    stops (synchronised again) if the loop asks for one more batch after the last (open_clip_train's does)."""
 
     def __init__(self, args, items, total: int, as_dict: bool):
         self.args, self.items, self.total, self.as_dict = args, items, total, as_dict
         self.num_batches, self.num_samples = total, total * args.batch
-        self.t0 = None
+        self.t0 = self.t1 = None
         from collections import Counter
 
         self.skipped = Counter()
@@ -164,6 +165,8 @@ class Resident:
                 self.t0 = time.perf_counter()
             images, texts = self.items[i % len(self.items)]
             yield {"image": images, "text": texts, "uid": [""] * len(texts)} if self.as_dict else (images, texts)
+        sync(self.args.device)
+        self.t1 = time.perf_counter()
 
     def set_epoch(self, epoch):
         pass
@@ -212,15 +215,6 @@ def part_resident_openclip(args, compile: bool = False) -> dict:
     total = args.warmup + args.steps
     loader = Resident(args, batches(args, 4, normalized=True), total, as_dict=False)
     ocm.get_data = lambda *a, **k: {"train": DataInfo(loader)}
-    marks = []
-    real_iter = Resident.__iter__
-
-    def timed_iter(self):
-        yield from real_iter(self)
-        sync(args.device)  # the loop asks for the next batch after the last step's update and logging
-        marks.append(time.perf_counter())
-
-    Resident.__iter__ = timed_iter
     run = Path(args.out) / "run-openclip"
     run.mkdir(parents=True, exist_ok=True)
     os.chdir(run)  # --logs none still makes a folder in the working directory
@@ -231,7 +225,7 @@ def part_resident_openclip(args, compile: bool = False) -> dict:
               "--warmup", "10", "--lr", "1e-3", "--wd", "0.1", "--log-every-n-steps", "50", "--logs", "none",
               "--name", name, "--report-to", "", "--zeroshot-frequency", "0", "--val-frequency", "0",
               "--save-frequency", "0", *(["--torchcompile"] if compile else [])])
-    return {"samples_per_s": args.batch * args.steps / (marks[0] - loader.t0), "steps": args.steps}
+    return {"samples_per_s": args.batch * args.steps / (loader.t1 - loader.t0), "steps": args.steps}
 
 
 def _write_shard(job) -> dict:
@@ -275,7 +269,7 @@ def shard_spec(args) -> str:
     return f"{Path(args.out).resolve()}/shards/{{00000..{args.shards - 1:05d}}}.tar"
 
 
-def poll(cmd: list[str], env: dict, log_file: Path, steps_of, skip: int, steps: int, out: Path) -> dict:
+def poll(cmd: list[str], env: dict, log_file: Path, steps_of, args, out: Path) -> dict:
     """Runs a training, polls its log for the step count, and kills it once the last step is logged."""
     log(" ".join(cmd))
     marks, last = [], -1
@@ -286,26 +280,17 @@ def poll(cmd: list[str], env: dict, log_file: Path, steps_of, skip: int, steps: 
             if done != last:
                 marks.append((time.perf_counter(), done))
                 last = done
-                if done >= steps:
+                if done >= args.e2e_steps:
                     proc.kill()
                     break
             time.sleep(0.05)
         proc.wait()
-    first = next(((t, n) for t, n in marks if n >= skip), None)
+    first = next(((t, n) for t, n in marks if n >= args.e2e_skip), None)
     end = marks[-1] if marks else None
-    if first is None or end[1] < steps or end[1] == first[1]:
+    if first is None or end[1] < args.e2e_steps or end[1] == first[1]:
         raise RuntimeError(f"no timed steps (rc {proc.returncode}, marks {marks[-3:]}): {' '.join(cmd)}; see {out}")
-    return {"samples_per_s": args_batch(cmd) * (end[1] - first[1]) / (end[0] - first[0]),
+    return {"samples_per_s": args.batch * (end[1] - first[1]) / (end[0] - first[0]),
             "timed_steps": end[1] - first[1], "first_timed_step": first[1]}
-
-
-def args_batch(cmd: list[str]) -> int:
-    for i, token in enumerate(cmd):
-        if token == "--batch-size":
-            return int(cmd[i + 1])
-        if token.startswith("data.batch_size="):
-            return int(token.split("=")[1])
-    raise ValueError("no batch size in the command")
 
 
 def part_e2e_vlp(args) -> dict:
@@ -322,7 +307,7 @@ def part_e2e_vlp(args) -> dict:
         lines = [json.loads(x) for x in path.read_text().splitlines() if '"loss"' in x]
         return lines[-1]["step"] if lines else 0
 
-    return poll(cmd, {}, run / "log.jsonl", steps_of, args.e2e_skip, args.e2e_steps, Path(args.out) / "e2e-vlp.log")
+    return poll(cmd, {}, run / "log.jsonl", steps_of, args, Path(args.out) / "e2e-vlp.log")
 
 
 def part_e2e_openclip(args) -> dict:
@@ -344,7 +329,7 @@ def part_e2e_openclip(args) -> dict:
         return int(found[-1]) // args.batch if found else 0
 
     path = os.pathsep.join(x for x in (str(wds), str(REPO), os.environ.get("PYTHONPATH")) if x)
-    return poll(cmd, {"PYTHONPATH": path}, out, steps_of, args.e2e_skip, args.e2e_steps, out)
+    return poll(cmd, {"PYTHONPATH": path}, out, steps_of, args, out)
 
 
 PARTS = {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vlp.models  # noqa: F401  (registers vlp's model configs)
-from vlp.models.packed_text import attach_plan, pack_text
+from vlp.models.packed_text import attach_plan, is_packed, pack_text
 from vlp.models.trim import TrimmedConv2d, live_window, trim_dead_taps, trimmed_names
 
 
@@ -83,7 +83,7 @@ def test_packed_text_tower_equals_open_clips_and_gives_the_same_gradients():
     torch.manual_seed(0)
     model = open_clip.create_model("vlp-r10t-32-t2")
     plain = copy.deepcopy(model)
-    assert pack_text(model) is None
+    assert pack_text(model) is None and is_packed(model) and not is_packed(plain)
     tokenizer = open_clip.get_tokenizer("vlp-r10t-32-t2")
     captions = ["a dog", "two children play football on a green field next to a red house in the afternoon sun "
                 "while their parents watch from a bench", "a man in a red shirt climbs a rock", ""]
@@ -117,4 +117,4 @@ def test_text_towers_packing_cannot_reproduce_are_left_alone():
     model = open_clip.create_model("vlp-tiny-32")
     model.transformer.grad_checkpointing = True
     assert "checkpointing" in pack_text(model)
-    assert "encode_text" not in vars(model)
+    assert not is_packed(model) and "encode_text" not in vars(model)

@@ -79,6 +79,10 @@ def encode_text_packed(self: open_clip.CLIP, text: torch.Tensor, normalize: bool
     return F.normalize(x, dim=-1) if normalize else x
 
 
+def is_packed(model: torch.nn.Module) -> bool:
+    return getattr(model.__dict__.get("encode_text"), "__func__", None) is encode_text_packed
+
+
 def pack_text(model: torch.nn.Module) -> str | None:
     """Make ``model.encode_text`` (and so its forward) the packed computation where that is exact. Returns None
     when packed, else the reason it was left as it is."""

@@ -32,7 +32,7 @@ from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.stream import check_caption_options
-from vlp.models.packed_text import attach_plan, pack_text
+from vlp.models.packed_text import attach_plan, is_packed, pack_text
 from vlp.models.trim import trim_dead_taps
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
@@ -154,6 +154,8 @@ class Trainer:
                            for o in exp.objectives]
         self.loader = build_loader(exp.data, model, open_clip.get_tokenizer(exp.model.name), self.dist,
                                    exp.train.seed)
+        self.lookahead = getattr(self.loader, "lookahead", False)  # the stream's setting (see _plan_lookahead)
+        self.packed_text = is_packed(model)
         # On an accelerator the loaders hand over uint8 images (a quarter of the bytes to copy and pin), normalised
         # here after the copy; on the CPU they arrive normalised.
         pp = open_clip.get_model_preprocess_cfg(model)
@@ -220,11 +222,8 @@ class Trainer:
         """The streaming loader starts the next epoch's workers before this one ends: only worth it when the run
         goes on past this epoch. Otherwise they would fork and fill shuffle buffers for nothing, taking the cores
         the last batches need (on a 16-core GPU host, a 6 s stall at the end of a one-epoch ViT-B/32 run)."""
-        if getattr(self.loader, "lookahead", None) is None or not self.steps_per_epoch:
-            return
-        if not hasattr(self, "_lookahead"):
-            self._lookahead = self.loader.lookahead
-        self.loader.lookahead = self._lookahead and self.total_steps > (self.epoch + 1) * self.steps_per_epoch
+        if self.lookahead and self.steps_per_epoch:
+            self.loader.lookahead = self.total_steps > (self.epoch + 1) * self.steps_per_epoch
 
     def _finished(self) -> bool:
         return self.step >= self.total_steps or self._stop
@@ -278,7 +277,7 @@ class Trainer:
         if self.exp.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         text = batch["text"].to(self.device, non_blocking=True)
-        if "encode_text" in vars(self.raw_model):  # packed: its plan from the host tokens, no read from the device
+        if self.packed_text:  # its plan from the host's tokens: the packed forward reads nothing from the device
             text = attach_plan(batch["text"], text)
         return images, text
 
