@@ -15,10 +15,11 @@ that would start too late) and writes ``OUT/<part>.json``; ``OUT/gpu_speed.{json
 - ``resident-*``: each tool's real step code with the batches already on the GPU (no loader): vlp's
   ``Trainer.train`` with its loader swapped for resident batches, open_clip_train's ``main`` with ``get_data``
   swapped likewise. vlp's tokens stay in pinned host memory, where its loaders deliver them (its trainer plans
-  the packed text tower from the host's tokens; from device tokens that would be one more read per step). The clock starts after ``--warmup`` steps (device synchronised) and stops after the last
-  step's optimizer update. ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip);
-  ``-compile`` is ``model.compile: true`` / ``--torchcompile`` (vlp then runs its text tower over the padded
-  context, as open_clip does); ``-compile-visual`` compiles vlp's image tower only and keeps the packed text tower.
+  the packed text tower from the host's tokens; from device tokens that would be one more read per step). The
+  clock starts after ``--warmup`` steps (device synchronised) and stops after the last step's optimizer update.
+  ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip). ``-compile`` is
+  ``model.compile: true`` / ``--torchcompile`` (vlp then runs its text tower over the padded context, as open_clip
+  does); ``-compile-visual`` compiles vlp's image tower only and keeps the packed text tower.
 - ``e2e-*``: each tool's command line from the shards (``--workers`` loader processes, resampled shards, full
   batches only), its log polled every 0.05 s: samples/s between the first logged step at or after ``--e2e-skip``
   and the last step.
