@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import open_clip
 import pytest
@@ -42,8 +43,9 @@ def shards(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("ema,in_memory", [(None, False), (0.9, False), (None, True)])
-def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, ema, in_memory):
+@pytest.mark.parametrize("ema,in_memory,defer", [(None, False, False), (0.9, False, False), (None, True, False),
+                                                (None, False, True)])
+def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, ema, in_memory, defer):
     exp = experiment(shards, data={"workers": 2, "in_memory": in_memory}, train={"checkpoint_every": 100, "ema": ema})
     full = Trainer(exp, tmp_path / "full")
     full.train()
@@ -51,19 +53,21 @@ def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, 
     assert (full.step, full.epoch) == ((10, 1) if in_memory else (12, 1))
 
     first = Trainer(exp, tmp_path / "killed")
+    first.defer_reads = defer  # as on CUDA: each step's values are read during the next step
     real_step = first.train_step
 
-    def step_then_stop(micro):
-        record = real_step(micro)
-        if first.step == 8:  # stop inside the second epoch, as SIGTERM would
-            first._stop = True
-        return record
+    def step_then_signal(micro):
+        real_step(micro)
+        if first.step == 7:  # SIGTERM inside the second epoch, during step 8
+            first._on_sigterm(signal.SIGTERM, None)
 
-    first.train_step = step_then_stop
+    first.train_step = step_then_signal
     first.train()
-    assert first.step == 9 and checkpoint.latest(tmp_path / "killed").name == "step-0000009"
+    # step 9 carries the flag; its values are read in step 9, or during step 10 where reads are deferred
+    stop = 10 if defer else 9
+    assert first.step == stop and checkpoint.latest(tmp_path / "killed").name == f"step-{stop:07d}"
     resumed = Trainer(exp, tmp_path / "killed")
-    assert resumed.step == 9 and resumed.epoch == 1
+    assert resumed.step == stop and resumed.epoch == 1
     resumed.train()
     a, b = weights(full), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must follow the uninterrupted one exactly"
@@ -139,27 +143,33 @@ def test_accumulation_gives_the_big_batch_gradient(shards, tmp_path):
         assert torch.allclose(big[name], acc[name], atol=1e-5, rtol=1e-4), name
 
 
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path):
+@pytest.mark.parametrize("defer,bad_step", [(False, 4), (True, 4), (True, 3)])
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, defer, bad_step):
+    """Read at once, the check raises before the optimizer steps. Read one step late (as on CUDA), the device skips
+    the bad step's update by itself; the host raises during the next step, before that step's update (bad step
+    3), or before the checkpoint of the bad step is written (bad step 4)."""
     exp = experiment(shards, train={"checkpoint_every": 2, "max_steps": 6})
     trainer = Trainer(exp, tmp_path)
+    trainer.defer_reads = defer
     real_step = trainer.train_step
 
     before = {}
 
     def poisoned(micro):
-        if trainer.step == 3:
+        if trainer.step == bad_step - 1:
             with torch.no_grad():
                 trainer.raw_model.logit_scale.fill_(float("nan"))
             before.update(weights(trainer))
         return real_step(micro)
 
     trainer.train_step = poisoned
-    with pytest.raises(TrainingDiverged, match=r"loss became nan at step 4 .*step-0000002"):
+    with pytest.raises(TrainingDiverged, match=rf"loss became nan at step {bad_step} .*step-0000002"):
         trainer.train()
-    # the backward ran (the check waits until it is queued) but the optimizer never moved a weight
+    # the optimizer never moved a weight
     after = weights(trainer)
     assert all(torch.equal(before[k], after[k]) for k in before if k != "logit_scale")
-    assert any(p.grad is not None for p in trainer.raw_model.parameters())
+    if not defer:  # the backward ran: the check waits until it is queued
+        assert any(p.grad is not None for p in trainer.raw_model.parameters())
     model_state, state = checkpoint.load(checkpoint.latest(tmp_path))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in model_state.values())
 
@@ -403,9 +413,8 @@ def test_log_lines_carry_the_interval_mean_loss_and_threads_apply(shards, tmp_pa
         real_step = trainer.train_step
 
         def step(micro):
-            record = real_step(micro)
-            losses.append(record["loss"])
-            return record
+            real_step(micro)
+            losses.append(trainer.last_record["loss"])
 
         trainer.train_step = step
         trainer.train()
@@ -416,6 +425,35 @@ def test_log_lines_carry_the_interval_mean_loss_and_threads_apply(shards, tmp_pa
     assert [r["loss"] for r in rows] == [losses[1], losses[3], losses[4]]
     expected = [(losses[0] + losses[1]) / 2, (losses[2] + losses[3]) / 2, losses[4]]
     assert [r["loss_mean"] for r in rows] == pytest.approx(expected, rel=1e-9)
+
+
+def test_reads_one_step_late_give_the_same_run_and_log(shards, tmp_path):
+    """Deferred reads (CUDA with the fused AdamW) change when the host reads, not what is computed or logged."""
+    runs = {}
+    for defer in (False, True):
+        trainer = Trainer(experiment(shards, train={"epochs": 1, "log_every": 2, "checkpoint_every": 3}),
+                          tmp_path / str(defer))
+        trainer.defer_reads = defer
+        seen = []
+        real_step = trainer.train_step
+
+        def step(micro, trainer=trainer, seen=seen, real_step=real_step):
+            real_step(micro)
+            seen.append(trainer.last_record.get("loss"))
+
+        trainer.train_step = step
+        trainer.train()
+        rows = [json.loads(line) for line in (tmp_path / str(defer) / "log.jsonl").read_text().splitlines()]
+        runs[defer] = weights(trainer), rows, seen, trainer.last_record
+    (w0, rows0, seen0, last0), (w1, rows1, seen1, last1) = runs[False], runs[True]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    drop = ("samples_per_s", "eta_s", "time")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows0] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows1]
+    assert [r["step"] for r in rows1] == [2, 4, 5] and last0 == last1
+    # deferred: when step n has been queued, the host has read step n - 1 (at step 4 the checkpoint of step 3 had
+    # already read it)
+    assert seen1 == [None] + seen0[:-1] and None not in seen0
 
 
 def test_default_rules_keep_weight_decay_off_every_1d_tensor_as_open_clip_does():

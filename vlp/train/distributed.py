@@ -14,6 +14,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    host_group: object = None  # a gloo group beside NCCL, for flags the host needs without waiting on the GPU
 
     @property
     def is_main(self) -> bool:
@@ -35,9 +36,12 @@ def setup(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device(device)
+    host_group = None
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return DistInfo(rank, world_size, local_rank, dev)
+        if dev.type == "cuda":  # an NCCL collective read by the host would wait for all the work queued before it
+            host_group = dist.new_group(backend="gloo")
+    return DistInfo(rank, world_size, local_rank, dev, host_group)
 
 
 def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
@@ -52,8 +56,9 @@ def all_have_data(has: bool, info: DistInfo) -> bool:
     """True while every rank still has a batch: the ranks leave an epoch together, so none waits forever."""
     if not info.distributed:
         return has
-    flag = torch.tensor([1 if has else 0], device=info.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    on_host = info.host_group is not None or info.device.type == "cpu"  # gloo: no wait on the device's queue
+    flag = torch.tensor([1 if has else 0], device="cpu" if on_host else info.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=info.host_group)
     return bool(flag.item())
 
 

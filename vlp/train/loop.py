@@ -4,9 +4,17 @@ Semantics worth knowing:
 - the contrastive batch of one step spans every rank and every accumulation micro-batch: features of the
   other micro-batches are computed once without gradients and the loss of micro-batch j is taken against all of
   them (the trick of open_clip's ``accum_freq``), so K micro-batches of B train exactly as one batch of K*B;
-- ranks leave an epoch together (a one-number all-reduce per step), so none ever waits on a rank without data;
-- a step whose loss is not finite stops the run before the optimizer moves (the last checkpoint stays good);
-- SIGTERM finishes the current step, writes a checkpoint and exits with status 0.
+- ranks leave an epoch together (a one-number all-reduce per step, on the host: a gloo group beside NCCL), so
+  none ever waits on a rank without data;
+- a step whose loss is not finite stops the run and no weight takes its update (the last checkpoint stays good);
+- SIGTERM finishes the current step (and the next where reads are deferred), writes a checkpoint and exits with
+  status 0; every rank stops at the same step;
+- the host reads from the device once per step (loss, finiteness, the SIGTERM flag, metrics: ``_pack``). On the
+  CPU, or with an optimizer that cannot skip an update on the device, it reads before the optimizer moves. On CUDA
+  with the fused AdamW it reads one step late (``defer_reads``), so it never waits for the step it has just
+  queued: the device skips a non-finite step's update by itself (the optimizer's ``found_inf``, as GradScaler
+  uses it), and the host raises at the next step, before queueing that step's update. Checkpoints, evaluation and
+  the end of the run read everything first.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import math
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +55,19 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+@dataclass
+class StepValues:
+    """One step's values from the device (``Trainer._pack``), with what the host knew when it queued the step."""
+    step: int  # the step's number as logged (1 for the first)
+    epoch: int
+    lr: float
+    samples: int  # over all ranks
+    values: torch.Tensor  # loss, sum of the micro-batch losses, stop flag, one-element metrics
+    names: list[str]  # the metrics' names, in ``values[3:]``
+    extra: dict  # metrics that are plain numbers already
+    ready: torch.cuda.Event | None = None  # set where ``values`` is a copy still on its way to the host
 
 
 def _logit_kwargs(cfg: ModelConfig) -> dict:
@@ -170,8 +192,14 @@ class Trainer:
         self.autocast = self._autocast(exp.train.precision)
         self.scaler = torch.amp.GradScaler(enabled=exp.train.precision == "fp16" and self.device.type == "cuda")
         self.step, self.epoch = 0, 0
-        self._stop = False
+        self._sigterm = False  # this process got SIGTERM
+        self._stop = False  # the ranks agree to stop (from the read-back, so all of them at the same step)
+        self._saved_step: int | None = None
         self.last_record: dict = {}
+        # Read one step late where the device can skip a non-finite step's update on its own (module docstring).
+        self.defer_reads = (self.device.type == "cuda" and not self.scaler.is_enabled()
+                            and getattr(self.optimizer, "_step_supports_amp_scaling", False))
+        self._pending: list[StepValues] = []
         self._resume()
         self.logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.step)
 
@@ -184,7 +212,10 @@ class Trainer:
                 self._plan_lookahead()
                 if self._run_epoch():
                     self.epoch += 1
+            self._settle()  # the last step's values (and its log line)
             if self._stop:
+                if self._saved_step != self.step:  # the stop was agreed in the last step's read
+                    self.save()
                 print(f"SIGTERM: checkpoint at step {self.step} written, exiting", flush=True)
                 return self.last_record
             self.save()
@@ -206,15 +237,13 @@ class Trainer:
             if not all_have_data(len(micro) == self.exp.train.accum_steps, self.dist):
                 batches.close()
                 return True
-            self.last_record = self.train_step(micro)
+            self.train_step(micro)
             self.step += 1
-            self.logger.count(sum(len(b["uid"]) for b in micro) * self.dist.world_size, self.last_record["loss"])
-            if self.step % self.exp.train.log_every == 0 or self.step == self.total_steps:
-                self.logger.log(self.step, {"epoch": self.epoch, **self.last_record,
-                                            "skipped": dict(self.loader.skipped)})
             if self._due(self.exp.train.checkpoint_every) or self._stop:
+                self._settle()  # a checkpoint only ever holds weights whose steps were all read
                 self.save()
             if self._due(self.exp.eval.every):
+                self._settle()
                 self.evaluate()
         return False
 
@@ -228,7 +257,9 @@ class Trainer:
     def _finished(self) -> bool:
         return self.step >= self.total_steps or self._stop
 
-    def train_step(self, micro: list[dict]) -> dict:
+    def train_step(self, micro: list[dict]) -> None:
+        """Queues one optimizer step over the micro-batches. Its values (``last_record``, the log line) are read
+        before it returns, or at the next step where reads are deferred."""
         self.model.train()
         lr = set_lr(self.optimizer, self.exp.optim.lr, lr_factor(self.step, self.total_steps, self.exp.schedule))
         inputs = [self._inputs(b) for b in micro]
@@ -255,19 +286,38 @@ class Trainer:
                     loss, metrics = self._loss(merged, merged_batch)
                 self.scaler.scale(loss).backward()  # each backward adds the gradient through micro-batch j
                 losses.append(loss.detach())
-        logged = self._read_back(losses, metrics)  # raises before the optimizer moves if a loss is not finite
+        values, names = self._pack(losses, metrics)
+        pending = StepValues(self.step + 1, self.epoch, lr, sum(len(b["uid"]) for b in micro) * self.dist.world_size,
+                             values, names, {k: float(v) for k, v in metrics.items() if k not in names})
+        skip = None
+        if self.defer_reads:
+            self._settle()  # the previous step's values, long since on the host: raises before this step's update
+            skip = (~torch.isfinite(values[1])).float()  # the device skips this step's update if it is 1
+            pending.values = values.to("cpu", non_blocking=True)
+            if values.is_cuda:
+                pending.ready = torch.cuda.Event()
+                pending.ready.record()
+            self._pending.append(pending)
+        else:
+            self._record(pending)  # raises before the optimizer moves if a loss is not finite
         self._sync_replicated_grads()
         if self.exp.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.exp.optim.clip_grad)
-        self.scaler.step(self.optimizer)
+        if skip is not None:  # the fused AdamW reads found_inf on the device (GradScaler passes it the same way)
+            self.optimizer.found_inf = skip
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf
+        else:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             self.raw_model.logit_scale.clamp_(0, math.log(self.exp.model.logit_scale_max))
         if self.ema is not None:
             self.ema.update(self.raw_model)
-        return {"loss": logged.pop("loss"), "lr": lr, **logged}
 
     # -- pieces --------------------------------------------------------------------------------------------
     def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,29 +340,43 @@ class Trainer:
             metrics.update(extra)
         return total, metrics
 
-    def _read_back(self, losses: list[torch.Tensor], metrics: dict) -> dict:
-        """The step's one read from the device, after the backward passes are queued (an accelerator runs them
-        while the host waits here) and before the optimizer moves: the loss, whether every micro-batch's loss is
-        finite, the SIGTERM flag and the metrics, in one transfer (one all-reduce across ranks, so every rank
-        agrees on all of them). Raises :class:`TrainingDiverged` on a loss that is not finite."""
+    def _pack(self, losses: list[torch.Tensor], metrics: dict) -> tuple[torch.Tensor, list[str]]:
+        """The step's values as one tensor on the device, queued after the backward passes: the loss, the sum of
+        every micro-batch's loss (not finite if one is not), this process's SIGTERM flag and the one-element
+        metrics; averaged over the ranks in one all-reduce, so every rank reads the same values."""
         names = [k for k, v in metrics.items() if isinstance(v, torch.Tensor) and v.numel() == 1]
         device = losses[-1].device
-        flag = torch.full((), float(self._stop), device=device)  # a fill, not a host-to-device copy
+        flag = torch.full((), float(self._sigterm), device=device)  # a fill, not a host-to-device copy
         packed = torch.stack([losses[-1].float(), torch.stack(losses).float().sum(), flag,
                               *(metrics[k].detach().float().reshape(()) for k in names)])
         if self.dist.distributed:
             torch.distributed.all_reduce(packed)
             packed /= self.dist.world_size
-        values = packed.tolist()
+        return packed, names
+
+    def _record(self, pending: StepValues) -> None:
+        """Reads a step's values (the one wait on the device): the agreed stop flag, ``last_record``, the log line.
+        Raises :class:`TrainingDiverged` if a loss of the step was not finite."""
+        if pending.ready is not None:
+            pending.ready.synchronize()
+        values = pending.values.tolist()
         loss, total, stop = values[:3]
-        self._stop = stop > 0
+        self._stop = self._stop or stop > 0
         if not (math.isfinite(loss) and math.isfinite(total)):
             last = checkpoint.latest(self.run_dir)
             raise TrainingDiverged(f"loss became {loss if not math.isfinite(loss) else total} at step "
-                                   f"{self.step + 1} (epoch {self.epoch}); the optimizer did not step. "
+                                   f"{pending.step} (epoch {pending.epoch}); the optimizer did not step. "
                                    f"Last good checkpoint: {last or 'none'}")
-        return {"loss": loss, **{k: float(v) for k, v in metrics.items() if k not in names},
-                **dict(zip(names, values[3:]))}
+        self.last_record = {"loss": loss, "lr": pending.lr, **pending.extra, **dict(zip(pending.names, values[3:]))}
+        self.logger.count(pending.samples, loss)
+        if pending.step % self.exp.train.log_every == 0 or pending.step == self.total_steps:
+            self.logger.log(pending.step, {"epoch": pending.epoch, **self.last_record,
+                                           "skipped": dict(self.loader.skipped)})
+
+    def _settle(self) -> None:
+        """Reads the values of every step still on its way back from the device (deferred reads)."""
+        while self._pending:
+            self._record(self._pending.pop(0))
 
     def _sync_replicated_grads(self) -> None:
         for p in self.replicated:
@@ -376,7 +440,7 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _on_sigterm(self, signum, frame) -> None:
-        self._stop = True
+        self._sigterm = True  # the ranks agree on it through the next read-back
 
     # -- checkpoints and evaluation ------------------------------------------------------------------------
     def save(self) -> None:
@@ -398,6 +462,7 @@ class Trainer:
                 state["ema_updates"] = self.ema.updates
             checkpoint.save(self.run_dir, self.step, model_state, state, to_yaml(self.exp),
                             self.exp.train.keep_checkpoints, online_state=online)
+        self._saved_step = self.step
         barrier(self.dist)
 
     def _resume(self) -> None:
