@@ -139,10 +139,11 @@ def test_several_sources_resampling_or_a_size_schedule_without_in_memory_are_con
         Trainer(exp, tmp_path)
     # the augmentations also stream (tests/test_data_stream.py): the config reaches the stream's options
     exp = experiment_from_dict({"name": "m", "data": {"train": [{"shards": shards[0]}], "color_jitter": 0.2,
-                                                      "token_drop": 0.1, "workers": 0},
+                                                      "token_drop": 0.1, "cutout": 3, "workers": 0},
                                 "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
     trainer = Trainer(exp, tmp_path / "stream")
-    assert (trainer.loader.stream.opts.color_jitter, trainer.loader.stream.opts.token_drop) == (0.2, 0.1)
+    opts = trainer.loader.stream.opts
+    assert (opts.color_jitter, opts.token_drop, opts.cutout) == (0.2, 0.1, 3)
 
 
 def test_a_size_schedule_crops_early_epochs_smaller_and_must_end_at_the_model_size(shards):
@@ -205,7 +206,7 @@ def test_color_jitter_scales_brightness_contrast_and_saturation_within_range_and
 
 
 def test_jittered_and_token_dropped_batches_resume_exactly_and_differ_from_plain_ones(shards):
-    kw = dict(color_jitter=0.3, token_drop=0.3)
+    kw = dict(color_jitter=0.3, token_drop=0.3, cutout=5)
     full = MemoryLoader(shards[0], options(batch_size=5, **kw), TOKENIZER)
     batches = list(full)
     resumed = MemoryLoader(shards[0], options(batch_size=5, **kw), TOKENIZER)
@@ -216,6 +217,28 @@ def test_jittered_and_token_dropped_batches_resume_exactly_and_differ_from_plain
     assert all(a["uid"] == b["uid"] for a, b in zip(batches, plain))
     assert not torch.equal(batches[0]["image"], plain[0]["image"])
     assert (batches[0]["text"] != 0).sum() < (plain[0]["text"] != 0).sum()
-    for bad in ({"color_jitter": 1.0}, {"token_drop": -0.1}):
+    for bad in ({"color_jitter": 1.0}, {"token_drop": -0.1}, {"cutout": 16}, {"cutout": -1}, {"cutout": 2.5}):
         with pytest.raises(ValueError, match="data." + next(iter(bad))):
             MemoryLoader(shards[0], options(**bad), TOKENIZER)
+
+
+def test_cutout_fills_one_square_per_image_with_the_fill_and_clips_it_at_the_edges():
+    from vlp.data.augment import cut_out
+
+    images = torch.rand(400, 3, 16, 16) * 100 + 100  # never equal to the fill
+    out = cut_out(images.clone(), 6, [10, 20, 30], torch.Generator().manual_seed(0))
+    filled = out != images
+    assert torch.equal(filled[:, 0], filled[:, 1]) and torch.equal(filled[:, 0], filled[:, 2])
+    for c, value in enumerate((10, 20, 30)):
+        assert (out[:, c][filled[:, c]] == value).all()
+    mask = filled[:, 0]
+    area = mask.sum((1, 2))
+    assert area.max() == 36 and area.min() >= 9  # a whole square inside; at least its 3x3 quarter at a corner
+    centres = []
+    for m in mask:  # one axis-aligned rectangle, at most 6 x 6
+        ys, xs = m.nonzero(as_tuple=True)
+        assert m[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()
+        assert ys.max() - ys.min() < 6 and xs.max() - xs.min() < 6
+        centres.append((ys.min() + ys.max()) / 2)
+    assert min(centres) < 2 and max(centres) > 13  # squares land all over the image
+    assert torch.equal(out, cut_out(images.clone(), 6, [10, 20, 30], torch.Generator().manual_seed(0)))

@@ -53,6 +53,8 @@ class DataConfig:
     # each caption token other than the first and the end-of-text token dropped with this
     # probability (the caption closes up); 0 = off
     token_drop: float = 0.0
+    # a square of this side (pixels) of each image filled with the normalisation mean; 0 = off
+    cutout: int = 0
 
 
 @dataclass

@@ -15,7 +15,8 @@ Same semantics as the stream's epoch mode, with a data state of its own:
 The crop is resampled with roi_align (bilinear, with as many samples per output pixel as the box is larger than
 the output: an area-like filter) instead of PIL's bicubic: on a smooth 64 px test image shrunk to 32 px the two
 differ by 0.24 grey levels on average (``tests/test_data_memory.py``).
-``data.color_jitter`` and ``data.token_drop`` (vlp/data/augment.py) are drawn after the rest of the batch.
+``data.color_jitter``, ``data.token_drop`` and ``data.cutout`` (vlp/data/augment.py) are drawn after the rest of
+the batch.
 ``data.size_schedule`` (in memory only) lowers the crop size of early epochs (progressive resizing, as in FFCV's
 ImageNet recipes); a convolutional tower takes any size, and the last entry must be the model's own.
 Not for resampled or mixed sources (they stream).
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from vlp.data.augment import augment_batch, check_augment
+from vlp.data.augment import augment_batch, augmenting
 from vlp.data.preprocess import BadSample, decode_rgb, normalize_batch, parse_sample, random_resized_crop_box
 from vlp.data.shards import expand, iter_raw_samples
 from vlp.data.stream import StreamOptions, check_caption_options, split_range
@@ -51,7 +52,6 @@ class MemoryLoader:
             raise ValueError("data.in_memory makes training batches (random crops) only")
         self.opts, self.rank, self.world_size = opts, rank, world_size
         self.size_schedule = check_size_schedule(size_schedule, opts.image.size)
-        check_augment(opts.color_jitter, opts.token_drop)
         self.skipped: Counter = Counter()
         self.epoch, self.next_batch = 0, 0
         self._load(shards, tokenizer)
@@ -178,8 +178,8 @@ class MemoryLoader:
         images = images.round_().clamp_(0, 255)  # the uint8 pixel grid the stream's crops have
         token_rows = [int(self.first_caption[i]) + c for i, chosen in zip(idx, picks) for c in chosen]
         tokens = self.tokens[token_rows]
-        if opts.color_jitter or opts.token_drop:  # the batch's last draw: other batches' draws stay as they were
-            images, tokens = augment_batch(images, tokens, opts.color_jitter, opts.token_drop, rng.getrandbits(62))
+        if augmenting(opts):  # the batch's last draw: other batches' draws stay as they were
+            images, tokens = augment_batch(images, tokens, opts, rng.getrandbits(62))
         images = normalize_batch(images, opts.image.mean, opts.image.std) if opts.normalize else images.byte()
         texts = [self.captions[i][c] for i, chosen in zip(idx, picks) for c in chosen]
         rows = [self.rows[i] for i in idx]

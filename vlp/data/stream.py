@@ -18,7 +18,7 @@ then shuffled together by the buffer.
 Bad samples are skipped and counted per reason; each batch carries the counts its worker has accumulated
 since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``loader.skipped``).
 
-Batch augmentations (``color_jitter``, ``token_drop``: vlp/data/augment.py) draw from a generator seeded by
+Batch augmentations (``color_jitter``, ``token_drop``, ``cutout``: vlp/data/augment.py) draw from a generator seeded by
 (seed, epoch, worker slot, sample position), so a resumed stream replays them too.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.data.augment import augment_batch, check_augment
+from vlp.data.augment import augment_batch, augmenting, check_augment
 from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, normalize_batch, parse_sample
 from vlp.data.shards import Shard, expand, iter_raw_samples
 
@@ -62,7 +62,11 @@ class StreamOptions:
     image: ImageOptions = field(default_factory=ImageOptions)
     color_jitter: float = 0.0  # brightness, contrast, saturation factors in [1-j, 1+j] (vlp/data/augment.py)
     token_drop: float = 0.0  # each caption token but the start and end-of-text dropped with this probability
+    cutout: int = 0  # side in pixels of a square of each image filled with the mean; 0 = off
     normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
+
+    def __post_init__(self):
+        check_augment(self.color_jitter, self.token_drop, self.cutout, self.image.size)
 
 
 def check_caption_options(caption: str, count: int, prefix: str = "") -> None:
@@ -110,7 +114,6 @@ class ShardStream(IterableDataset):
         if not sources:
             raise ValueError("a stream needs at least one source")
         check_caption_options(opts.caption, opts.captions_per_sample)
-        check_augment(opts.color_jitter, opts.token_drop)
         self.opts = opts
         self.tokenizer = tokenizer
         self.shards = [expand(s.shards) for s in sources]
@@ -242,9 +245,9 @@ class ShardStream(IterableDataset):
         else:
             captions = texts = [s["text"] for s in batch]
         tokens = self.tokenizer(texts) if self.tokenizer is not None else None
-        if opts.color_jitter or opts.token_drop:  # seeded by the batch's place in this worker's sequence
+        if augmenting(opts):  # seeded by the batch's place in this worker's sequence
             seed = random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}/augment").getrandbits(62)
-            images, tokens = augment_batch(images, tokens, opts.color_jitter, opts.token_drop, seed)
+            images, tokens = augment_batch(images, tokens, opts, seed)
         if opts.normalize:
             images = normalize_batch(images, opts.image.mean, opts.image.std)
         out = {

@@ -117,7 +117,7 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
                          drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption,
                          captions_per_sample=cfg.captions_per_sample, image=image, color_jitter=cfg.color_jitter,
-                         token_drop=cfg.token_drop, normalize=dist.device.type == "cpu")
+                         token_drop=cfg.token_drop, cutout=cfg.cutout, normalize=dist.device.type == "cpu")
     if not cfg.train:
         raise ValueError("data.train: no training source given")
     check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
