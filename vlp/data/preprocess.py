@@ -12,6 +12,7 @@ The pixel difference to open_clip's own transform is measured in ``benchmarks/lo
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -143,8 +144,13 @@ class Normalize:
 
 
 def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """:class:`Normalize` on the CPU, for one batch."""
-    return Normalize(mean, std)(images)
+    """:class:`Normalize` on the CPU, for one batch (the constants are built once per mean and std)."""
+    return _cpu_normalize(tuple(mean), tuple(std))(images)
+
+
+@functools.lru_cache(maxsize=16)
+def _cpu_normalize(mean: tuple, std: tuple) -> Normalize:
+    return Normalize(mean, std)
 
 
 def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random, count: int = 1) -> dict:
