@@ -344,8 +344,6 @@ def test_compiling_one_tower_keeps_plain_checkpoint_names(shards, tmp_path):
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(shards, tmp_path):
-    import json
-    import signal
     import subprocess
     import sys
 
