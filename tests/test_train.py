@@ -454,6 +454,21 @@ def test_reads_one_step_late_give_the_same_run_and_log(shards, tmp_path):
     assert seen1 == [None] + seen0[:-1] and None not in seen0
 
 
+@pytest.mark.parametrize("defer", [False, True])
+def test_each_checkpoint_is_written_once_and_the_last_step_always(shards, tmp_path, monkeypatch, defer):
+    written = []
+    real_save = checkpoint.save
+    monkeypatch.setattr(checkpoint, "save", lambda run_dir, step, *a, **k: written.append(step) or
+                        real_save(run_dir, step, *a, **k))
+    for max_steps in (4, 5):  # the last step due for a checkpoint, or not
+        written.clear()
+        trainer = Trainer(experiment(shards, train={"max_steps": max_steps, "checkpoint_every": 2}),
+                          tmp_path / f"{max_steps}")
+        trainer.defer_reads = defer
+        trainer.train()
+        assert written == [2, 4] if max_steps == 4 else written == [2, 4, 5]
+
+
 def test_default_rules_keep_weight_decay_off_every_1d_tensor_as_open_clip_does():
     from vlp.config import OptimConfig
     from vlp.train.optim import param_groups

@@ -199,7 +199,7 @@ class Trainer:
         # Read one step late where the device can skip a non-finite step's update on its own (module docstring).
         self.defer_reads = (self.device.type == "cuda" and not self.scaler.is_enabled()
                             and getattr(self.optimizer, "_step_supports_amp_scaling", False))
-        self._pending: list[StepValues] = []
+        self._pending: StepValues | None = None  # the last step's values, not read yet
         self._resume()
         self.logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.step)
 
@@ -213,12 +213,11 @@ class Trainer:
                 if self._run_epoch():
                     self.epoch += 1
             self._settle()  # the last step's values (and its log line)
+            if self._saved_step != self.step:  # not already written by a due checkpoint or the stop
+                self.save()
             if self._stop:
-                if self._saved_step != self.step:  # the stop was agreed in the last step's read
-                    self.save()
                 print(f"SIGTERM: checkpoint at step {self.step} written, exiting", flush=True)
                 return self.last_record
-            self.save()
             if self.exp.eval.suite and not self._due(self.exp.eval.every):
                 self.evaluate()
             if self.dist.is_main:
@@ -297,7 +296,7 @@ class Trainer:
             if values.is_cuda:
                 pending.ready = torch.cuda.Event()
                 pending.ready.record()
-            self._pending.append(pending)
+            self._pending = pending
         else:
             self._record(pending)  # raises before the optimizer moves if a loss is not finite
         self._sync_replicated_grads()
@@ -374,9 +373,10 @@ class Trainer:
                                            "skipped": dict(self.loader.skipped)})
 
     def _settle(self) -> None:
-        """Reads the values of every step still on its way back from the device (deferred reads)."""
-        while self._pending:
-            self._record(self._pending.pop(0))
+        """Reads the values of the step still on its way back from the device, if any (deferred reads)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._record(pending)
 
     def _sync_replicated_grads(self) -> None:
         for p in self.replicated:
