@@ -17,7 +17,8 @@ that would start too late) and writes ``OUT/<part>.json``; ``OUT/gpu_speed.{json
   swapped likewise. vlp's tokens stay in pinned host memory, where its loaders deliver them (its trainer plans
   the packed text tower from the host's tokens; from device tokens that would be one more read per step). The
   clock starts after ``--warmup`` steps (device synchronised) and stops after the last step's optimizer update.
-  ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip). ``-compile`` is
+  ``-immediate`` makes vlp read each step's values before it queues the next step (its CPU behaviour) instead of
+  one step late. ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip). ``-compile`` is
   ``model.compile: true`` / ``--torchcompile`` (vlp then runs its text tower over the padded context, as open_clip
   does); ``-compile-visual`` compiles vlp's image tower only and keeps the packed text tower.
 - ``e2e-*``: each tool's command line from the shards (``--workers`` loader processes, resampled shards, full
@@ -191,13 +192,14 @@ def vlp_sets(args, shards: str | None = None) -> list[str]:
     return sets
 
 
-def part_resident_vlp(args, pack: bool = True, compile: bool | str = False) -> dict:
+def part_resident_vlp(args, pack: bool = True, compile: bool | str = False, defer: bool = True) -> dict:
     from vlp.config import load_experiment
     from vlp.train.loop import Trainer
 
     sets = vlp_sets(args, shard_spec(args)) + [f"model.pack_text={pack}", f"model.compile={compile}",
                                                       "data.workers=0"]
     trainer = Trainer(load_experiment(REPO / "configs" / "flickr8k-tiny.yaml", sets), Path(args.out) / "run-vlp")
+    trainer.defer_reads = trainer.defer_reads and defer  # -immediate: read each step's values before the next
     total = args.warmup + args.steps
     loader = Resident(args, batches(args, 4, normalized=False, host_tokens=True), total, as_dict=True)
     trainer.loader, trainer.total_steps = loader, total
@@ -210,7 +212,7 @@ def part_resident_vlp(args, pack: bool = True, compile: bool | str = False) -> d
     trainer.save = save
     record = trainer.train()
     return {"samples_per_s": args.batch * args.steps / (marks[0] - loader.t0), "steps": args.steps,
-            "final_loss": record["loss"]}
+            "final_loss": record["loss"], "deferred_reads": trainer.defer_reads}
 
 
 def part_resident_openclip(args, compile: bool = False) -> dict:
@@ -303,7 +305,10 @@ def poll(cmd: list[str], env: dict, log_file: Path, steps_of, args, out: Path) -
 def part_e2e_vlp(args) -> dict:
     run = Path(args.out) / "e2e-vlp"
     sets = vlp_sets(args, shard_spec(args)) + [
-        f"data.workers={args.workers}", "data.resampled=true", f"data.samples_per_epoch={args.e2e_steps * args.batch}",
+        # each loader worker batches its own share, full batches only: an epoch of whole batches per worker, at
+        # least e2e_steps of them (250 steps over 12 workers would end the epoch at 240)
+        f"data.workers={args.workers}", "data.resampled=true",
+        f"data.samples_per_epoch={-(-args.e2e_steps // max(args.workers, 1)) * max(args.workers, 1) * args.batch}",
         f"train.max_steps={args.e2e_steps}", "data.shuffle_buffer=1000", "train.log_every=10",
         "data.drop_last=true"]  # full batches only, as open_clip_train's: samples = steps x batch
     cmd = [sys.executable, "-m", "vlp", "train", "configs/flickr8k-tiny.yaml", "--run-dir", str(run)]
@@ -345,10 +350,12 @@ PARTS = {
     "shards": part_shards,
     "resident-vlp": part_resident_vlp,
     "resident-openclip": part_resident_openclip,
+    "resident-vlp-immediate": lambda a: part_resident_vlp(a, defer=False),
     "resident-vlp-nopack": lambda a: part_resident_vlp(a, pack=False),
     "e2e-vlp": part_e2e_vlp,
     "e2e-openclip": part_e2e_openclip,
     "resident-vlp-compile": lambda a: part_resident_vlp(a, compile=True),
+    "resident-vlp-compile-immediate": lambda a: part_resident_vlp(a, compile=True, defer=False),
     "resident-openclip-compile": lambda a: part_resident_openclip(a, compile=True),
     "resident-vlp-compile-visual": lambda a: part_resident_vlp(a, compile="visual"),
 }
@@ -381,7 +388,8 @@ def report(args, results: dict) -> str:
         if name.startswith("resident-vlp") and "nopack" not in name and "compile" not in name and packed and peak:
             note += f"; executed-FLOP utilisation {100 * rate * packed / peak:.1f}%"
         lines.append(f"| {name} | {rate:.0f} | {mfu} | {mfc} | {note} |")
-    pairs = [("resident-vlp", "resident-openclip"), ("resident-vlp-nopack", "resident-openclip"),
+    pairs = [("resident-vlp", "resident-openclip"), ("resident-vlp", "resident-vlp-immediate"),
+             ("resident-vlp-compile", "resident-vlp-compile-immediate"), ("resident-vlp-nopack", "resident-openclip"),
              ("e2e-vlp", "e2e-openclip"), ("resident-vlp-compile", "resident-openclip-compile"),
              ("resident-vlp-compile-visual", "resident-openclip-compile")]
     lines.append("")
