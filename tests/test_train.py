@@ -480,3 +480,21 @@ def test_default_rules_keep_weight_decay_off_every_1d_tensor_as_open_clip_does()
     by_name = {name: decay[id(p)] for name, p in model.named_parameters()}
     assert by_name == {"positional_embedding": 0.0, "0.weight": 0.2, "0.bias": 0.0, "1.weight": 0.0, "1.bias": 0.0,
                        "3.weight": 0.2, "3.bias": 0.0}
+
+
+def test_schedules_warm_up_then_hold_or_decay_to_the_floor():
+    from vlp.config import ScheduleConfig
+    from vlp.train.optim import lr_factor
+
+    def curve(name, floor=0.0):
+        return [lr_factor(s, 12, ScheduleConfig(name=name, warmup_steps=2, min_lr_ratio=floor)) for s in range(12)]
+
+    assert curve("constant") == [0.5] + [1.0] * 11
+    linear, cosine = curve("linear"), curve("cosine", floor=0.1)
+    assert linear[:3] == [0.5, 1.0, 1.0] and linear[-1] == pytest.approx(0.1)  # 0 would be step 12, after the run
+    assert linear[6] == pytest.approx(0.6)
+    assert all(a - b == pytest.approx(0.1) for a, b in zip(linear[2:], linear[3:]))  # straight
+    assert cosine[2] == 1.0 and cosine[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert cosine[6] > linear[6]  # a cosine stays high longer
+    with pytest.raises(ValueError, match="schedule.name: unknown schedule 'step'"):
+        lr_factor(5, 12, ScheduleConfig(name="step"))

@@ -121,7 +121,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "cosine"  # cosine | constant
+    name: str = "cosine"  # cosine | linear | constant
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
 

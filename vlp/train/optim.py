@@ -1,4 +1,4 @@
-"""Optimizer and schedule builders: AdamW with parameter-group rules from the config, warmup + cosine."""
+"""Optimizer and schedule builders: AdamW with parameter-group rules from the config, warmup, then a decay."""
 from __future__ import annotations
 
 import math
@@ -51,15 +51,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
-    """Multiplier of the base learning rate at ``step`` (0-based): linear warmup, then cosine or constant."""
+    """Multiplier of the base learning rate at ``step`` (0-based): linear warmup, then constant, or a cosine or
+    linear decay to ``min_lr_ratio`` at the last step."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.name == "constant":
         return 1.0
-    if cfg.name != "cosine":
-        raise ValueError(f"schedule.name: unknown schedule {cfg.name!r} (cosine, constant)")
+    if cfg.name not in ("cosine", "linear"):
+        raise ValueError(f"schedule.name: unknown schedule {cfg.name!r} (cosine, linear, constant)")
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    left = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left
 
 
 def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: float) -> float:
