@@ -5,6 +5,9 @@
     .venv/bin/python benchmarks/train_compare.py --fast                # also vlp's recipe, configs/flickr8k-fast.yaml
     .venv/bin/python benchmarks/train_compare.py --fast --no-parity    # open_clip_train and the recipe only
 
+open_clip_train imports pandas, which vlp does not need; install it first:
+``.venv/bin/python -m pip install -c constraints.txt -e '.[bench]'``.
+
 What it does, one step after the other (never two trainings at once, so wall times are comparable):
 1. writes the Flickr8k train shards (30,000 samples, one per caption) into ``--out/shards`` if missing, and with
    ``--fast`` the per-image shards of ``configs/flickr8k-fast.yaml`` (6,000 images shrunk to 64 px); installs
