@@ -217,7 +217,8 @@ def test_jittered_and_token_dropped_batches_resume_exactly_and_differ_from_plain
     assert all(a["uid"] == b["uid"] for a, b in zip(batches, plain))
     assert not torch.equal(batches[0]["image"], plain[0]["image"])
     assert (batches[0]["text"] != 0).sum() < (plain[0]["text"] != 0).sum()
-    for bad in ({"color_jitter": 1.0}, {"token_drop": -0.1}, {"cutout": 16}, {"cutout": -1}, {"cutout": 2.5}):
+    for bad in ({"color_jitter": 1.0}, {"token_drop": -0.1}, {"cutout": 16}, {"cutout": -1}, {"cutout": 2.5},
+                {"cutout": True}):
         with pytest.raises(ValueError, match="data." + next(iter(bad))):
             MemoryLoader(shards[0], options(**bad), TOKENIZER)
 

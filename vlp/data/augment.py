@@ -15,7 +15,7 @@ def check_augment(color_jitter: float, token_drop: float, cutout: int = 0, size:
         raise ValueError(f"data.color_jitter: {color_jitter} is not in [0, 1)")
     if not 0 <= token_drop < 1:
         raise ValueError(f"data.token_drop: {token_drop} is not in [0, 1)")
-    if not isinstance(cutout, int) or cutout < 0 or (size is not None and cutout >= size):
+    if isinstance(cutout, bool) or not isinstance(cutout, int) or cutout < 0 or (size is not None and cutout >= size):
         raise ValueError(f"data.cutout: {cutout!r} is not a square side in pixels from 0 (off) to below the image "
                          f"size{f' {size}' if size is not None else ''}")
 
