@@ -1,0 +1,40 @@
+"""Name -> class registries for what config and suite files choose by name (objectives, model parts, evaluators).
+
+A registry is filled by a decorator next to the class it registers (timm's ``@register_model`` habit), and its
+lookup error lists the known names under the config key that asked.
+"""
+from __future__ import annotations
+
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, what: str):
+        self.what = what  # "objective", "model part", ...: the word an error uses
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(item: T) -> T:
+            if name in self._items and self._items[name] is not item:
+                raise ValueError(f"{self.what} {name!r} is registered twice")
+            self._items[name] = item
+            return item
+
+        return decorator
+
+    def get(self, name: str, key: str) -> T:
+        """The item called ``name``; ``key`` is the config key that named it (for the error)."""
+        if name not in self._items:
+            raise ValueError(f"{key}: unknown {self.what} {name!r} (known: {', '.join(sorted(self._items))})")
+        return self._items[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._items))
+
+    def __len__(self) -> int:
+        return len(self._items)
