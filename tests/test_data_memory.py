@@ -243,3 +243,51 @@ def test_cutout_fills_one_square_per_image_with_the_fill_and_clips_it_at_the_edg
         centres.append((ys.min() + ys.max()) / 2)
     assert min(centres) < 2 and max(centres) > 13  # squares land all over the image
     assert torch.equal(out, cut_out(images.clone(), 6, [10, 20, 30], torch.Generator().manual_seed(0)))
+
+
+def test_at_epoch_start_and_describe(shards, tmp_path):
+    spec, _ = shards
+    loader = MemoryLoader(spec, options(batch_size=10), TOKENIZER)  # 25 samples: 3 batches
+    assert loader.at_epoch_start()
+    batches = iter(loader)
+    next(batches)
+    assert not loader.at_epoch_start()
+    assert len(list(batches)) == 2 and loader.epoch == 1 and loader.at_epoch_start()
+    at_end = MemoryLoader(spec, options(batch_size=10), TOKENIZER)
+    at_end.load_state_dict({"epoch": 0, "next_batch": 3})  # saved after the epoch's last batch
+    assert not at_end.at_epoch_start() and list(at_end) == [] and at_end.epoch == 1 and at_end.at_epoch_start()
+    assert loader.describe() == f"shards {spec} (2 shards); skipped so far: none"
+
+    identity = [{"__key__": f"p{i}", "jpg": make_sample("x", i)["jpg"], "json": json.dumps({"identity": i}).encode()}
+                for i in range(4)]
+    write_tar(tmp_path / "people.tar", identity + [{"__key__": "bad", "jpg": b"not a jpeg", "txt": b"x"}])
+    with pytest.raises(ValueError) as error:
+        MemoryLoader(str(tmp_path / "people.tar"), options(), TOKENIZER)
+    assert str(error.value) == (f"data.in_memory: no readable sample in {tmp_path / 'people.tar'} (1 shard); "
+                                "skipped: image_decode 1, no_text 4")
+    write_tar(tmp_path / "mixed.tar", identity + [make_sample("g", 9)])
+    assert MemoryLoader(str(tmp_path / "mixed.tar"), options(), TOKENIZER).describe() == \
+        f"shards {tmp_path / 'mixed.tar'} (1 shard); skipped so far: no_text 4"
+
+
+def test_both_loaders_build_the_same_batch_from_the_same_samples(tmp_path):
+    from vlp.data import Loader, ShardStream
+
+    samples = [make_sample(f"s{i}", i, kind="label" if i % 2 else "caption", label=i, identity=10 + i)
+               for i in range(6)]
+    write_tar(tmp_path / "a.tar", samples)
+    opts = options(batch_size=4, shuffle_buffer=0, normalize=False)  # unshuffled: both keep the shard's order
+    stream = next(iter(Loader(ShardStream(str(tmp_path / "a.tar"), opts, TOKENIZER), workers=0)))
+    memory = next(iter(MemoryLoader(str(tmp_path / "a.tar"), opts, TOKENIZER)))
+    assert stream.keys() == memory.keys() == {"image", "text", "caption", "uid", "key", "kind", "label", "identity",
+                                              "source", "meta"}
+    for key in ("caption", "uid", "key", "kind", "meta"):
+        assert stream[key] == memory[key], key
+    assert memory["caption"] == ["caption s0", "caption s1", "caption s2", "caption s3"]
+    assert memory["kind"] == ["caption", "label", "caption", "label"]
+    for key, expected in (("text", TOKENIZER(memory["caption"])), ("label", torch.tensor([0, 1, 2, 3])),
+                          ("identity", torch.tensor([10, 11, 12, 13])), ("source", torch.zeros(4, dtype=torch.long))):
+        assert stream[key].dtype == memory[key].dtype == torch.long
+        assert torch.equal(stream[key], expected) and torch.equal(memory[key], expected), key
+    assert stream["image"].dtype == memory["image"].dtype == torch.uint8
+    assert stream["image"].shape == memory["image"].shape == (4, 3, 16, 16)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlp.data.preprocess import ImageDecoder, ImageOptions, normalize_batch
+from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, normalize_batch, parse_sample, pick_captions
 
 
 def smooth_jpeg(size: int = 160, width: int | None = None) -> bytes:
@@ -77,3 +77,36 @@ def test_hflip_mirrors_about_half_the_crops_and_nothing_else():
     evaluation = ImageOptions(size=32, train=False, hflip=True)  # never at evaluation
     assert torch.equal(ImageDecoder(evaluation)(data, random.Random(1)),
                        ImageDecoder(ImageOptions(size=32, train=False))(data, random.Random(1)))
+
+
+def test_caption_draws_are_distinct_first_then_repeat_and_one_draw_is_a_plain_choice():
+    assert pick_captions(5, "first", 1, random.Random(0)) == [0]
+    rng = random.Random(0)
+    state = rng.getstate()
+    pick_captions(5, "first", 1, rng)
+    assert rng.getstate() == state  # "first" leaves the generator (and so the crop drawn next) as it was
+    for seed in range(50):
+        rng, reference = random.Random(seed), random.Random(seed)
+        assert pick_captions(7, "random", 1, rng) == [reference.choice(range(7))]
+        assert rng.random() == reference.random()  # one caption costs what random.choice costs
+        three = pick_captions(5, "random", 3, random.Random(seed))
+        assert len(set(three)) == 3 and all(0 <= i < 5 for i in three)
+        short = pick_captions(2, "random", 5, random.Random(seed))
+        assert sorted(set(short[:2])) == [0, 1] and set(short[2:]) <= {0, 1} and len(short) == 5
+        assert pick_captions(1, "random", 3, random.Random(seed)) == [0, 0, 0]
+    counts = np.bincount([pick_captions(4, "random", 1, random.Random(s))[0] for s in range(4000)], minlength=4)
+    assert counts.min() > 900 and counts.max() < 1100  # uniform: 1000 each
+
+
+def test_parse_sample_offers_the_json_captions_or_the_txt():
+    listed = {"__key__": "a", "jpg": b"x", "txt": b" first ", "json": b'{"captions": ["p", "", "q"], "uid": "u"}'}
+    assert parse_sample(listed, True, "random")["captions"] == ["p", "q"]  # an empty caption is none
+    assert parse_sample(listed, True, "first")["captions"] == ["first"]
+    drawn = parse_sample(listed, True, "random", random.Random(3), count=3)
+    assert sorted(drawn["texts"][:2]) == ["p", "q"] and drawn["text"] == drawn["texts"][0]
+    assert parse_sample({**listed, "json": b'{"captions": [""]}'}, True, "random")["captions"] == ["first"]
+    labelled = {"__key__": "b", "jpg": b"x", "cls": b"4"}
+    assert parse_sample(labelled, False, "random")["captions"] == [""]
+    assert parse_sample(labelled, False, "random")["kind"] == "label"
+    with pytest.raises(BadSample, match="no_text"):
+        parse_sample(labelled, True, "first")

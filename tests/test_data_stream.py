@@ -249,10 +249,10 @@ def test_loader_resumes_exactly_mid_epoch(tmp_path, monkeypatch, workers, augmen
         assert not any(torch.equal(a[1], b[1]) for a, b in zip(plain, reference))
         assert sum(int((b[2] != 0).sum()) for b in reference) < sum(int((a[2] != 0).sum()) for a in plain)
         # each batch draws its own augmentation (in-process here, so the seeds can be watched)
-        import vlp.data.stream as stream_module
+        import vlp.data.batch as batch_module
 
-        seeds, real = [], stream_module.augment_batch
-        monkeypatch.setattr(stream_module, "augment_batch", lambda *a: seeds.append(a[-1]) or real(*a))
+        seeds, real = [], batch_module.augment_batch
+        monkeypatch.setattr(batch_module, "augment_batch", lambda *a: seeds.append(a[-1]) or real(*a))
         watched = Loader(loader().stream, workers=0)
         watched.set_epoch(1)
         assert len(entries(watched)) == len(seeds) > 5 and len(set(seeds)) == len(seeds)
@@ -293,3 +293,50 @@ def test_resampling_unreadable_shards_fails_instead_of_spinning(tmp_path):
     stream = ShardStream(str(tmp_path), options(resampled=True, samples_per_epoch=10))
     with pytest.raises(ValueError, match="no readable sample in .* draws from the 2 shards"):
         list(Loader(stream, workers=0))
+
+
+def test_at_epoch_start_is_true_only_before_an_epoch_is_touched(tmp_path):
+    make_shard_set(tmp_path, [9, 8])  # 17 samples: 3 batches of 8 (the last one of 1)
+    loader = Loader(ShardStream(str(tmp_path), options(shuffle_buffer=4, seed=1)), workers=0)
+    assert loader.at_epoch_start()
+    batches = iter(loader)
+    next(batches)
+    assert not loader.at_epoch_start() and loader.epoch == 0
+    mid = loader.state_dict()
+    rest = list(batches)
+    last = None
+    for batch in loader:  # epoch 1 ran to its end: keep the state after its last batch
+        last = loader.state_dict()
+    assert len(rest) == 2 and loader.epoch == 2 and loader.at_epoch_start()
+
+    resumed = Loader(ShardStream(str(tmp_path), options(shuffle_buffer=4, seed=1)), workers=0)
+    resumed.load_state_dict(mid)
+    assert not resumed.at_epoch_start() and [b["uid"] for b in resumed] == [b["uid"] for b in rest]
+    at_end = Loader(ShardStream(str(tmp_path), options(shuffle_buffer=4, seed=1)), workers=0)
+    at_end.load_state_dict(last)
+    assert last["epoch"] == 1 and not at_end.at_epoch_start()
+    assert list(at_end) == [] and at_end.epoch == 2 and at_end.at_epoch_start()  # nothing left: the next epoch
+    at_end.set_epoch(1)
+    assert at_end.at_epoch_start() and len(list(at_end)) == 3  # set_epoch to another epoch starts it afresh
+
+
+def test_an_epoch_of_skipped_samples_yields_nothing_and_describe_names_shards_and_reasons(tmp_path):
+    identity = [{"__key__": f"p{i}", "jpg": jpeg_bytes(i), "json": json.dumps({"identity": i}).encode()}
+                for i in range(5)]  # identity shards carry no text: with require_text every sample is skipped
+    write_tar(tmp_path / "00000.tar", identity[:3] + [{"__key__": "bad", "jpg": b"not a jpeg", "txt": b"x"}])
+    write_tar(tmp_path / "00001.tar", identity[3:])
+    spec = f"{tmp_path}/{{00000..00001}}.tar"
+    loader = Loader(ShardStream(spec, options()), workers=2)
+    assert loader.describe() == f"shards {spec} (2 shards); skipped so far: none"
+    assert loader.at_epoch_start() and list(loader) == []
+    assert loader.describe() == f"shards {spec} (2 shards); skipped so far: image_decode 1, no_text 5"
+
+    many = tmp_path / "many"
+    make_shard_set(many, [1] * 40)
+    urls = [str(p) for p in sorted(many.glob("*.tar"))]  # a list of 40 paths: named by its first and last shard
+    assert Loader(ShardStream([Source(urls)], options()), workers=0).describe() == \
+        f"shards {urls[0]} ... {urls[-1]} (40 shards); skipped so far: none"
+    mixed = ShardStream([Source(spec, 0.5, "people"), Source(urls[0], 0.5, "captions")],
+                        options(samples_per_epoch=4))
+    assert Loader(mixed, workers=0).describe() == \
+        f"shards people: {spec} (2 shards); captions: {urls[0]} (1 shard); skipped so far: none"

@@ -34,10 +34,11 @@ import numpy as np
 import torch
 from torchvision.ops import roi_align
 
-from vlp.data.augment import augment_batch, augmenting
-from vlp.data.preprocess import BadSample, decode_rgb, normalize_batch, parse_sample, random_resized_crop_box
+from vlp.data.augment import augmenting
+from vlp.data.batch import collate
+from vlp.data.preprocess import BadSample, decode_rgb, parse_sample, pick_captions, random_resized_crop_box
 from vlp.data.shards import expand, iter_raw_samples
-from vlp.data.stream import StreamOptions, check_caption_options, split_range
+from vlp.data.stream import StreamOptions, check_caption_options, describe_shards, describe_skipped, split_range
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +69,23 @@ class MemoryLoader:
             self.skipped[reason] += 1
             log.warning("%s: %s", reason, where)
 
-        for shard in expand(shards):
+        expanded = expand(shards)
+        self.shard_text = describe_shards(shards, expanded)
+        for shard in expanded:
             for raw in iter_raw_samples(shard.url, on_error=on_error):
                 try:
-                    parsed = parse_sample(raw, self.opts.require_text, self.opts.caption, random.Random(0))
+                    parsed = parse_sample(raw, self.opts.require_text, self.opts.caption)
                     img, _ = decode_rgb(parsed["image"], need if self.opts.image.draft else None)
                     images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
                 except BadSample as e:
                     on_error(e.reason, f"{raw.get('__url__')}: {raw['__key__']}")
                     continue
-                texts = parsed["meta"].get("captions") if self.opts.caption == "random" else None
-                captions.append(list(texts) if texts else [parsed["text"]])
-                parsed.pop("image")
-                rows.append(parsed)
+                captions.append(parsed["captions"])  # drawn from per batch
+                rows.append({**{k: parsed[k] for k in ("uid", "key", "kind", "label", "identity", "meta")},
+                             "source": 0})
         if not rows:
-            raise ValueError(f"data.in_memory: no readable sample in {shards}")
+            raise ValueError(f"data.in_memory: no readable sample in {self.shard_text}; skipped: "
+                             f"{describe_skipped(self.skipped)}")
         self.sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])  # (h, w) as decoded
         h, w = self.sizes.max(0).values.tolist()
         self.images = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)  # top-left aligned, padded
@@ -140,6 +143,15 @@ class MemoryLoader:
         self.epoch, self.next_batch = int(state["epoch"]), int(state["next_batch"])
         self.skipped = Counter(state.get("skipped", {}))
 
+    def at_epoch_start(self) -> bool:
+        """Whether iterating now starts epoch ``self.epoch`` from its beginning: False part-way through it, and after
+        loading a state saved part-way (also one saved after its last batch, whose iteration yields nothing)."""
+        return self.next_batch == 0
+
+    def describe(self) -> str:
+        """The shards loaded and the samples skipped (at load) per reason, for messages about this data."""
+        return f"shards {self.shard_text}; skipped so far: {describe_skipped(self.skipped)}"
+
     def close(self) -> None:
         pass
 
@@ -162,13 +174,7 @@ class MemoryLoader:
             left, top, right, bottom = random_resized_crop_box(w, h, opts.image.scale, opts.image.ratio, rng)
             boxes.append([j, left, top, right, bottom])
             flips.append(opts.image.hflip and rng.random() < 0.5)
-            count = self.caption_counts[i]
-            if opts.caption == "random":
-                k = opts.captions_per_sample
-                chosen = rng.sample(range(count), min(k, count))
-                picks.append(chosen + rng.choices(range(count), k=k - len(chosen)))
-            else:
-                picks.append([0] * opts.captions_per_sample)
+            picks.append(pick_captions(self.caption_counts[i], opts.caption, opts.captions_per_sample, rng))
         images = roi_align(self.images[idx].float(), torch.tensor(boxes, dtype=torch.float32),
                            output_size=self.image_size(self.epoch), spatial_scale=1.0, sampling_ratio=-1,
                            aligned=True)
@@ -176,26 +182,10 @@ class MemoryLoader:
         if flipped.any():
             images[flipped] = images[flipped].flip(-1)
         images = images.round_().clamp_(0, 255)  # the uint8 pixel grid the stream's crops have
-        token_rows = [int(self.first_caption[i]) + c for i, chosen in zip(idx, picks) for c in chosen]
-        tokens = self.tokens[token_rows]
-        if augmenting(opts):  # the batch's last draw: other batches' draws stay as they were
-            images, tokens = augment_batch(images, tokens, opts, rng.getrandbits(62))
-        images = normalize_batch(images, opts.image.mean, opts.image.std) if opts.normalize else images.byte()
-        texts = [self.captions[i][c] for i, chosen in zip(idx, picks) for c in chosen]
-        rows = [self.rows[i] for i in idx]
-        k = opts.captions_per_sample
-        return {
-            "image": images,
-            "text": tokens,
-            "caption": texts if k == 1 else [texts[j * k:(j + 1) * k] for j in range(len(idx))],
-            "uid": [r["uid"] for r in rows],
-            "key": [r["key"] for r in rows],
-            "kind": [r["kind"] for r in rows],
-            "label": torch.tensor([r["label"] for r in rows], dtype=torch.long),
-            "identity": torch.tensor([r["identity"] for r in rows], dtype=torch.long),
-            "source": torch.zeros(len(rows), dtype=torch.long),
-            "meta": [r["meta"] for r in rows],
-        }
+        tokens = self.tokens[[int(self.first_caption[i]) + c for i, chosen in zip(idx, picks) for c in chosen]]
+        texts = [[self.captions[i][c] for c in chosen] for i, chosen in zip(idx, picks)]
+        seed = rng.getrandbits(62) if augmenting(opts) else None  # the batch's last draw: the others stay as they were
+        return collate([self.rows[i] for i in idx], texts, images, tokens, opts, seed)
 
 
 def check_size_schedule(schedule, final: int) -> list[tuple[int, int]]:

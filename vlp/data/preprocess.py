@@ -153,11 +153,26 @@ def _cpu_normalize(mean: tuple, std: tuple) -> Normalize:
     return Normalize(mean, std)
 
 
-def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random, count: int = 1) -> dict:
-    """Pick the image bytes, text and metadata out of a raw sample, or raise :class:`BadSample`.
+def pick_captions(available: int, caption: str, count: int, rng: random.Random) -> list[int]:
+    """Which of a sample's ``available`` captions it contributes, as ``count`` indices: its first with caption
+    "first"; with "random", drawn from ``rng``, distinct while the sample has enough, then drawn again with
+    replacement, so every sample gives exactly ``count``. Both loaders draw through here (the stream from a generator
+    per sample, data.in_memory from one per batch); a sample with a single caption (a txt, no json["captions"])
+    draws too, so that the two consume their generators by the same rule."""
+    if caption != "random":
+        return [0] * count
+    chosen = rng.sample(range(available), min(count, available))
+    return chosen + rng.choices(range(available), k=count - len(chosen))
 
-    ``count`` > 1 (with ``caption="random"``) also returns ``texts``: that many of json["captions"], distinct
-    while the sample has enough (then drawn again, so every sample gives exactly ``count``); ``text`` is the first.
+
+def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random | None = None,
+                 count: int = 1) -> dict:
+    """Pick the image bytes, captions and metadata out of a raw sample, or raise :class:`BadSample`.
+
+    ``captions`` holds the texts a caption draw chooses from: the non-empty entries of json["captions"] with
+    ``caption="random"``, else the txt (``[""]`` for a sample without text, when text is not required). With ``rng``,
+    ``texts`` holds the ``count`` that :func:`pick_captions` draws; ``text`` is the first of them (without ``rng``,
+    the first of ``captions``).
     """
     image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if image is None:
@@ -168,24 +183,19 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
             meta = json.loads(raw["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadSample("bad_json", f"{raw['__key__']}: {e}") from e
-    text, texts = None, None
-    captions = meta.get("captions")
-    if caption == "random" and captions:
-        if count > 1:
-            texts = rng.sample(captions, min(count, len(captions)))
-            texts += rng.choices(captions, k=count - len(texts))
-            text = texts[0]
-        else:
-            text = rng.choice(captions)
-    elif "txt" in raw:
+    captions = [c for c in meta.get("captions") or [] if c] if caption == "random" else []
+    if not captions and "txt" in raw:
         try:
-            text = raw["txt"].decode("utf-8").strip()
+            captions = [raw["txt"].decode("utf-8").strip()]
         except UnicodeDecodeError as e:
             raise BadSample("text_not_utf8", raw["__key__"]) from e
-    if require_text and not text:
+    has_text = bool(captions)  # a txt member, even an empty one, makes a caption sample
+    if require_text and not any(captions):
         raise BadSample("no_text", raw["__key__"])
-    if count > 1 and texts is None:
-        texts = [text or ""] * count  # a sample without a captions list: its one text, repeated
+    captions = captions or [""]
+    texts = None
+    if rng is not None:
+        texts = [captions[i] for i in pick_captions(len(captions), caption, count, rng)]
     label = meta.get("label")
     if label is None and "cls" in raw:
         try:
@@ -194,12 +204,13 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
             raise BadSample("bad_cls", raw["__key__"]) from e
     return {
         "image": image,
-        "text": text or "",
+        "captions": captions,
+        "text": texts[0] if texts else captions[0],
         "texts": texts,
         "key": raw["__key__"],
         "uid": meta.get("uid", ""),
         "label": -1 if label is None else int(label),
         "identity": int(meta.get("identity", -1)),
-        "kind": meta.get("kind", "label" if label is not None and text is None else "caption"),
+        "kind": meta.get("kind", "label" if label is not None and not has_text else "caption"),
         "meta": meta,
     }

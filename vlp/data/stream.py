@@ -34,8 +34,9 @@ from typing import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from vlp.data.augment import augment_batch, augmenting, check_augment
-from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, normalize_batch, parse_sample
+from vlp.data.augment import augmenting, check_augment
+from vlp.data.batch import collate
+from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, parse_sample
 from vlp.data.shards import Shard, expand, iter_raw_samples
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,20 @@ def check_caption_options(caption: str, count: int, prefix: str = "") -> None:
                          f"{prefix}caption: random (it is {caption!r})")
 
 
+def describe_shards(spec: str | list[str], shards: list[Shard]) -> str:
+    """A shard spec as it reads in a message: the spec itself while short (braces keep thousands of shards short),
+    else its first and last shard; with the shard count."""
+    text = spec if isinstance(spec, str) else "::".join(spec)
+    if len(text) > 160:
+        text = f"{shards[0].url} ... {shards[-1].url}"
+    return f"{text} ({len(shards)} shard{'' if len(shards) == 1 else 's'})"
+
+
+def describe_skipped(skipped: Counter) -> str:
+    """Skipped samples per reason, as in ``image_decode 2, no_text 14``."""
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(skipped.items()) if n) or "none"
+
+
 def dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -116,6 +131,7 @@ class ShardStream(IterableDataset):
         check_caption_options(opts.caption, opts.captions_per_sample)
         self.opts = opts
         self.tokenizer = tokenizer
+        self.sources = sources
         self.shards = [expand(s.shards) for s in sources]
         self.weights = [float(s.weight) for s in sources]
         if any(w <= 0 for w in self.weights):
@@ -238,33 +254,14 @@ class ShardStream(IterableDataset):
 
     def _collate(self, batch: list[dict], skipped: Counter, slot: int, position: int) -> dict:
         opts = self.opts
-        images = torch.stack([s["image"] for s in batch])
-        if opts.captions_per_sample > 1:  # B images, then B*k text rows: image i's captions at i*k..i*k+k-1
-            captions = [s["texts"] for s in batch]
-            texts = [t for group in captions for t in group]
-        else:
-            captions = texts = [s["text"] for s in batch]
-        tokens = self.tokenizer(texts) if self.tokenizer is not None else None
+        texts = [s["texts"] for s in batch]
+        tokens = self.tokenizer([t for group in texts for t in group]) if self.tokenizer is not None else None
+        seed = None
         if augmenting(opts):  # seeded by the batch's place in this worker's sequence
             seed = random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}/augment").getrandbits(62)
-            images, tokens = augment_batch(images, tokens, opts, seed)
-        if opts.normalize:
-            images = normalize_batch(images, opts.image.mean, opts.image.std)
-        out = {
-            "image": images,
-            "text": tokens if tokens is not None else texts,
-            "caption": captions,  # per sample: a string, or a list of k with captions_per_sample k
-            "uid": [s["uid"] for s in batch],
-            "key": [s["key"] for s in batch],
-            "kind": [s["kind"] for s in batch],
-            "label": torch.tensor([s["label"] for s in batch], dtype=torch.long),
-            "identity": torch.tensor([s["identity"] for s in batch], dtype=torch.long),
-            "source": torch.tensor([s["source"] for s in batch], dtype=torch.long),
-            "meta": [s["meta"] for s in batch],
-            "skipped": dict(skipped),
-            "worker": slot,
-            "position": position,  # raw samples this worker has consumed, up to and including this batch
-        }
+        out = collate(batch, texts, torch.stack([s["image"] for s in batch]), tokens, opts, seed)
+        out["skipped"], out["worker"] = dict(skipped), slot
+        out["position"] = position  # raw samples this worker has consumed, up to and including this batch
         skipped.clear()
         return out
 
@@ -321,6 +318,19 @@ class Loader:
     def _fresh_state(self) -> dict:
         return {"positions": {}, "next": 0, "ended": []}
 
+    def at_epoch_start(self) -> bool:
+        """Whether iterating now starts epoch ``self.epoch`` from its beginning: False part-way through it, and after
+        loading a state saved part-way (also one saved after its last batch, whose iteration yields nothing)."""
+        state = self._state
+        return not state["positions"] and not state["ended"] and state["next"] == 0
+
+    def describe(self) -> str:
+        """The shards read and the samples skipped so far per reason, for messages about this data."""
+        stream = self.stream
+        parts = [(f"{source.name}: " if source.name else "") + describe_shards(source.shards, shards)
+                 for source, shards in zip(stream.sources, stream.shards)]
+        return f"shards {'; '.join(parts)}; skipped so far: {describe_skipped(self.skipped)}"
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self._state = epoch, self._fresh_state()
@@ -362,8 +372,7 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         state = self._state
         ahead, self._ahead = self._ahead, None
-        fresh = not state["positions"] and not state["ended"] and state["next"] == 0
-        source = ahead[1] if ahead is not None and ahead[0] == self.epoch and fresh else None
+        source = ahead[1] if ahead is not None and ahead[0] == self.epoch and self.at_epoch_start() else None
         del ahead  # a prefetched epoch that is not this one: its workers shut down
         if source is None:
             source = self._start(self.epoch, state["positions"])
