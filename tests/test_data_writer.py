@@ -3,18 +3,24 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import jpeg_bytes
+from conftest import REPO, jpeg_bytes, make_shard_set
 from vlp.cli import main as cli
 from vlp.data import WriterOptions, expand, iter_raw_samples, sources, write_shards
 from vlp.data import writer as writer_module
+from vlp.data.shards import check_complete
 
 
 def read_samples(folder: Path) -> list[dict]:
@@ -55,7 +61,10 @@ def test_caption_file_keeps_commas_and_reports_bad_lines(caption_input, tmp_path
     assert manifest["skipped"] == {"bad_image": 1, "empty_caption": 1, "missing_image": 1, "no_comma": 1}
     where = {e["reason"]: e["where"] for e in manifest["skipped_items"]}
     assert where["no_comma"].endswith("captions.txt:7") and where["empty_caption"].endswith("captions.txt:5")
-    assert where["missing_image"].endswith("missing.jpg") and "broken.jpg" in where["bad_image"]
+    captions, images = caption_input / "captions.txt", caption_input / "images"
+    assert where["missing_image"] == f"{captions}:9: {images / 'missing.jpg'}"  # the caption line, then the image
+    assert where["bad_image"].startswith(f"{captions}:10: {images / 'broken.jpg'}: ")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "no partial file is left behind"
     meta = json.loads(next(s for s in samples if s["__key__"] == "img0_1")["json"])
     assert re.fullmatch(r"[0-9a-f]{32}", meta["uid"])
     assert meta["captions"] == ["A dog, a ball, and a park.", "second caption of img0"]
@@ -182,3 +191,135 @@ def test_cli_writes_shards_and_reports_skips(caption_input, tmp_path, capsys):
     assert "nope does not exist" in capsys.readouterr().err
     with tarfile.open(out / "00000.tar") as tf:
         assert all(m.mtime == 0 for m in tf.getmembers())
+
+
+def test_bytes_that_are_not_utf8_skip_their_line_only(caption_input, tmp_path, capsys):
+    raw = (caption_input / "captions.txt").read_bytes().replace(b"a cat", b"caf\xe9 cat")  # latin-1, line 4
+    (caption_input / "latin1.txt").write_bytes(b"\xef\xbb\xbf" + raw)  # and a byte-order mark, ignored
+    out = tmp_path / "captions"
+    assert cli(["shards", "captions", "--images", str(caption_input / "images"), "--captions",
+                str(caption_input / "latin1.txt"), "--out", str(out), "--workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 5 and manifest["skipped"]["not_utf8"] == 1
+    assert {"reason": "not_utf8", "where": f"{caption_input / 'latin1.txt'}:4: byte 0xe9 at column 13"} \
+        in manifest["skipped_items"]
+    assert "img1_0" not in {s["__key__"] for s in read_samples(out)}
+
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "list.csv").write_bytes(b"image,caption,note\na.jpg,first,ok\na.jpg,second,\xff\na.jpg,third,ok\n")
+    assert cli(["shards", "table", "--list", str(tmp_path / "list.csv"), "--out", str(tmp_path / "table"),
+                "--workers", "1"]) == 0
+    manifest = json.loads((tmp_path / "table" / "manifest.json").read_text())
+    assert [s["txt"] for s in read_samples(tmp_path / "table")] == [b"first", b"third"]
+    assert manifest["skipped_items"] == [
+        {"reason": "not_utf8", "where": f"{tmp_path / 'list.csv'}:line 3: cell 3: byte 0xff at column 1"}]
+    assert "not_utf8 1" in capsys.readouterr().out
+
+    (tmp_path / "bad_header.csv").write_bytes(b"image,capti\xf3n\na.jpg,x\n")
+    assert cli(["shards", "table", "--list", str(tmp_path / "bad_header.csv"), "--out", str(tmp_path / "x")]) == 2
+    assert f"{tmp_path / 'bad_header.csv'}:line 1: column 2 of the header is not UTF-8" in capsys.readouterr().err
+
+
+def test_image_failures_name_the_input_row_and_no_memory_address(tmp_path):
+    (tmp_path / "good.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "text.jpg").write_bytes(b"this is not an image at all")
+    (tmp_path / "cut.jpg").write_bytes(jpeg_bytes(2)[:200])
+    (tmp_path / "list.csv").write_text("image,caption\ngood.jpg,a\ntext.jpg,b\ncut.jpg,c\n")
+    manifest = write_shards(sources.table(tmp_path / "list.csv"), tmp_path / "out", progress=False)
+    assert manifest["samples"] == 1 and manifest["skipped"] == {"bad_image": 2}
+    where = [e["where"] for e in manifest["skipped_items"]]
+    assert where[0] == f"{tmp_path / 'list.csv'}:line 3: {tmp_path / 'text.jpg'}: not an image format PIL can read"
+    assert where[1].startswith(f"{tmp_path / 'list.csv'}:line 4: {tmp_path / 'cut.jpg'}: ")
+    assert not any(re.search(r"0x[0-9a-fA-F]{6,}", w) for w in where)
+    image = Image.new("RGB", (4, 4))
+    assert re.search(r"at 0x[0-9a-fA-F]+", repr(image))
+    reason = writer_module._image_error(ValueError(f"cannot use {image!r}"))
+    assert reason == "ValueError: cannot use <PIL.Image.Image image mode=RGB size=4x4>"
+
+
+def test_csv_rows_with_more_cells_than_the_header_are_skipped(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg_bytes(1))
+    (tmp_path / "list.csv").write_text("image,caption,label\na.jpg,one,1\na.jpg,two,2,stray,cells\na.jpg,three,3\n")
+    manifest = write_shards(sources.table(tmp_path / "list.csv"), tmp_path / "out", progress=False)
+    metas = [json.loads(s["json"]) for s in read_samples(tmp_path / "out")]
+    assert [m["label"] for m in metas] == [1, 3] and not any("null" in m or None in m for m in metas)
+    assert manifest["skipped_items"] == [
+        {"reason": "extra_cells", "where": f"{tmp_path / 'list.csv'}:line 3: 5 cells, the header has 3"}]
+
+
+def test_info_says_when_a_shard_set_is_incomplete(caption_input, tmp_path, capsys):
+    out = tmp_path / "shards"
+    write_shards(sources.caption_file(caption_input / "images", caption_input / "captions.txt"), out,
+                 WriterOptions(samples_per_shard=2), progress=False)
+    assert check_complete(out) is None and check_complete(f"{out}/{{00000..00001}}.tar") is None
+    (out / "00001.tar").rename(tmp_path / "elsewhere.tar")
+    assert check_complete(out) == f"{out}: manifest.json lists shards that are absent (00001.tar)"
+
+    (out / "manifest.json").unlink()  # as a writer killed mid-run leaves it: no manifest, a partial shard
+    (out / ".00001.tar.partial").write_bytes(b"\0" * 512)
+    reason = check_complete(out)
+    assert ".00001.tar.partial" in reason and "no manifest.json" in reason
+    assert cli(["shards", "info", str(out)]) == 0, "inspecting an incomplete set is not an error"
+    printed = capsys.readouterr()
+    assert "3 shards, 4 samples (INCOMPLETE set" in printed.out
+    assert f"warning: incomplete shard set: {reason}" in printed.err
+
+    make_shard_set(tmp_path / "other", [2], manifest=False)  # another tool's shards: no manifest to expect
+    assert check_complete(tmp_path / "other") is None
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Child pids of ``pid`` with their start times (so a reused pid is not mistaken for a survivor)."""
+    found = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found[int(child)] = _start_time(int(child))
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    state, *rest = stat.rsplit(")", 1)[1].split()
+    return None if state == "Z" else rest[18]  # field 22, starttime; a zombie has stopped for good
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads child processes from Linux's /proc")
+def test_writer_processes_die_with_a_killed_writer(tmp_path):
+    ramp = np.linspace(0, 255, 2000).astype(np.uint8)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.dstack([*np.meshgrid(ramp, ramp), np.zeros((2000, 2000), np.uint8)])).save(
+        tmp_path / "images" / "big.jpg", quality=80)  # decoding and resizing it takes ~50 ms a sample
+    lines = "".join(f"big.jpg,caption {i}\n" for i in range(100))
+    (tmp_path / "captions.txt").write_text("image,caption\n" + lines)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vlp.cli", "shards", "captions", "--images", str(tmp_path / "images"),
+         "--captions", str(tmp_path / "captions.txt"), "--out", str(out), "--workers", "2",
+         "--samples-per-shard", "2", "--resize", "32"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "00000.tar").exists():
+            assert proc.poll() is None and time.time() < deadline, "the writer ended before its first shard"
+            time.sleep(0.02)
+        children = _children(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(children) == 2, f"expected the 2 pool processes, found {children}"
+    time.sleep(0.2)  # a rename already inside the kernel when the kill landed may still complete
+    at_kill = sorted(p.name for p in out.glob("*.tar"))
+    deadline = time.time() + 5
+    while any(_start_time(pid) == start for pid, start in children.items()) and time.time() < deadline:
+        time.sleep(0.05)
+    survivors = [pid for pid, start in children.items() if _start_time(pid) == start]
+    for pid in survivors:  # so a failure leaves no orphan behind
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"pool processes {survivors} outlived the killed writer"
+    time.sleep(1.0)
+    assert sorted(p.name for p in out.glob("*.tar")) == at_kill, "shards kept appearing after the kill"
+    assert len(at_kill) < 50 and not (out / "manifest.json").exists()

@@ -51,20 +51,26 @@ def _shards_parser(sub) -> None:
     t.add_argument("--base", help="folder that relative image paths start from (default: the list's folder)")
     _add_writer_flags(t)
 
-    s = kinds.add_parser("info", help="shards and exact sample counts of a spec (manifest or header scan)")
+    s = kinds.add_parser("info", help="shards and exact sample counts of a spec (manifest or header scan); an "
+                         "incomplete set (a writer stopped before its end) is reported with a warning, exit 0")
     s.add_argument("spec", help="e.g. 'data/{00000..00009}.tar', a folder, or several joined with '::'")
 
 
 def run_shards(args) -> int:
     if args.kind == "info":
-        from vlp.data.shards import expand
+        from vlp.data.shards import check_complete, expand
 
         shards = expand(args.spec)
         known = [s.samples for s in shards if s.samples is not None]
         for s in shards:
             print(f"{s.url}\t{'?' if s.samples is None else s.samples}")
+        incomplete = check_complete(args.spec)
         print(f"{len(shards)} shards, {sum(known):,} samples" + ("" if len(known) == len(shards) else
-                                                                 f" in the {len(known)} of known size"))
+                                                                 f" in the {len(known)} of known size")
+              + (" (INCOMPLETE set: only the shards written so far)" if incomplete else ""))
+        if incomplete:
+            # Exit 0 all the same: the counts are exact for what exists, and inspecting a set is not an error.
+            print(f"vlp shards info: warning: incomplete shard set: {incomplete}", file=sys.stderr)
         return 0
     if args.kind == "captions":
         source = args.source or "captions"

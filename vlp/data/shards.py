@@ -1,9 +1,10 @@
 """Shard lists and raw tar reading.
 
 A shard spec is what users type: ``data/{00000..00099}.tar``, several specs joined with ``::``, a ``pipe:``
-command, or any fsspec URL (``s3://bucket/{0..9}.tar``, ``file:///...``). Expanding it gives :class:`Shard`
-records that know their exact sample count where a ``manifest.json`` written by vlp lies beside them (or, for
-local tars without one, from a scan of the tar headers, which reads no image data).
+command, any fsspec URL (``s3://bucket/{0..9}.tar``, ``file:///...``), or ``builtin:digits`` (a set vlp builds
+into its cache on first use, :mod:`vlp.data.builtin`). Expanding it gives :class:`Shard` records that know their
+exact sample count where a ``manifest.json`` written by vlp lies beside them (or, for local tars without one,
+from a scan of the tar headers, which reads no image data).
 
 Reading yields raw samples: ``{"__key__", "__url__", "__index__", <ext>: bytes, ...}``, the members of one
 WebDataset sample grouped by key. Damage inside a tar is not fatal: the shard ends early and the damage is
@@ -22,6 +23,7 @@ from typing import Callable, Iterator
 import braceexpand
 
 MANIFEST = "manifest.json"
+BUILTIN = "builtin:"
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,17 @@ def _local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def _builtin_urls(spec: str) -> list[str]:
+    # Imported on use: building a set needs the writer, which imports this module.
+    from vlp.data.builtin import UnknownBuiltin, builtin_shards
+
+    try:
+        folder = builtin_shards(spec[len(BUILTIN):])
+    except UnknownBuiltin as e:
+        raise ShardSpecError(f"shard spec {spec!r}: {e}") from e
+    return sorted(str(p) for p in folder.glob("*.tar"))
+
+
 def expand_urls(spec: str | list[str]) -> list[str]:
     """Brace-expand one spec or several (a list, or one string joined with ``::``); local globs are expanded too."""
     specs = spec if isinstance(spec, (list, tuple)) else str(spec).split("::")
@@ -49,6 +62,9 @@ def expand_urls(spec: str | list[str]) -> list[str]:
     for one in specs:
         one = str(one).strip()
         if not one:
+            continue
+        if one.startswith(BUILTIN):
+            urls.extend(_builtin_urls(one))
             continue
         for url in braceexpand.braceexpand(one):
             if _is_local(url) and not url.startswith("file://") and any(c in url for c in "*?["):
@@ -80,6 +96,53 @@ def read_manifest(directory: str | Path) -> dict | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ShardSpecError(f"{path}: not valid JSON ({e})") from e
+
+
+def check_complete(spec: str | list[str] | Path) -> str | None:
+    """Why the local folders of a shard spec (or a folder) do not hold a finished vlp shard set; None if they do.
+
+    A finished set has its ``manifest.json`` (vlp's writer saves it after the last shard) and every shard it
+    lists. A stopped writer leaves ``.*.partial`` files, or shards without a manifest. Folders written by other
+    tools (no manifest, shards not owned by ``vlp``) pass; remote shards are not checked.
+    """
+    urls = expand_urls(str(spec) if isinstance(spec, Path) else spec)
+    folders = sorted({os.path.dirname(os.path.abspath(_local_path(u))) for u in urls if _is_local(u)})
+    reasons = [f"{folder}: {reason}" for folder in folders if (reason := _folder_incomplete(Path(folder)))]
+    return "; ".join(reasons) or None
+
+
+def _folder_incomplete(folder: Path) -> str | None:
+    problems = []
+    partial = sorted(p.name for p in folder.glob(".*.partial"))
+    if partial:
+        more = f" and {len(partial) - 1} more" if len(partial) > 1 else ""
+        problems.append(f"unfinished files of a writer that stopped ({partial[0]}{more})")
+    try:
+        manifest = read_manifest(folder)
+    except ShardSpecError as e:
+        return str(e)
+    if manifest is None:
+        if _written_by_vlp(folder):
+            problems.append(f"no {MANIFEST} beside shards vlp wrote (it is saved after the last shard)")
+    else:
+        absent = [s["name"] for s in manifest.get("shards", []) if not (folder / s["name"]).exists()]
+        if absent:
+            more = f" and {len(absent) - 1} more" if len(absent) > 1 else ""
+            problems.append(f"{MANIFEST} lists shards that are absent ({absent[0]}{more})")
+    return "; ".join(problems) or None
+
+
+def _written_by_vlp(folder: Path) -> bool:
+    # vlp's writer gives every member the owner "vlp"; one header of one shard tells.
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        return False
+    try:
+        with tarfile.open(tars[0], "r:") as tf:
+            member = tf.next()
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+    return member is not None and member.uname == "vlp"
 
 
 def count_samples(path: str) -> int:

@@ -3,6 +3,9 @@
 Each reader yields :class:`Item` (one future sample: an image file, its text and metadata) or :class:`Skip`
 (an input line or file that cannot become a sample, with the reason and where it was found). Image bytes are
 read later, by the shard writer's processes.
+
+Text inputs are UTF-8 (a leading byte-order mark is ignored). A line holding bytes that are not UTF-8 is skipped
+as ``not_utf8``, like any other bad line: one mis-encoded caption must not cost the rest of the file.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class Item:
     text: str | None
     meta: dict = field(default_factory=dict)  # becomes the sample's json (uid added by the writer)
     cls: int | None = None
+    where: str | None = None  # file:line it came from, so an image that fails later is reported against it
 
 
 @dataclass
@@ -40,6 +44,23 @@ def make_uid(*parts: str) -> str:
 def _safe_key(text: str) -> str:
     # WebDataset keys end at the first dot of the file name and must not contain '/'.
     return text.replace("/", "_").replace(".", "_")
+
+
+def _open_text(path: str | Path, newline: str | None = None):
+    # surrogateescape keeps undecodable bytes as lone surrogates instead of raising, so the reader can skip the
+    # one line that holds them (see _bad_byte) and go on with the next.
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline=newline)
+
+
+def _bad_byte(text: str) -> str | None:
+    """``"byte 0x.. at column N"`` for the first byte of ``text`` that was not UTF-8 (read by :func:`_open_text`)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")  # fails exactly on the surrogates that stand for undecodable bytes
+    except UnicodeEncodeError as e:
+        return f"byte 0x{ord(text[e.start]) - 0xDC00:02x} at column {e.start + 1}"
+    return None
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -65,12 +86,23 @@ def caption_file(
         raise FileNotFoundError(f"image folder {images} does not exist")
     wanted = None
     if split is not None:
-        wanted = [line.strip() for line in Path(split).read_text().splitlines() if line.strip()]
+        wanted = []
+        with _open_text(split) as f:
+            for lineno, line in enumerate(f, 1):
+                bad = _bad_byte(line)
+                if bad:
+                    yield Skip("not_utf8", f"{split}:{lineno}: {bad}")
+                elif line.strip():
+                    wanted.append(line.strip())
     by_image: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    with open(captions, encoding="utf-8") as f:
+    with _open_text(captions) as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if lineno == 1 and line.replace(" ", "").lower().startswith("image,caption"):
+                continue
+            bad = _bad_byte(line)
+            if bad:
+                yield Skip("not_utf8", f"{captions}:{lineno}: {bad}")
                 continue
             if not line.strip():
                 continue
@@ -96,11 +128,11 @@ def caption_file(
             for i, (lineno, caption) in enumerate(entries):
                 meta = {"uid": make_uid(source, name, str(i)), "source": source, "kind": "caption",
                         "image": name, "caption_index": i, "captions": all_captions}
-                yield Item(f"{stem}_{i}", str(path), caption, meta)
+                yield Item(f"{stem}_{i}", str(path), caption, meta, where=f"{captions}:{lineno}")
         else:
             meta = {"uid": make_uid(source, name), "source": source, "kind": "caption",
                     "image": name, "captions": all_captions}
-            yield Item(stem, str(path), all_captions[0], meta)
+            yield Item(stem, str(path), all_captions[0], meta, where=f"{captions}:{entries[0][0]}")
 
 
 def _grouped_images(root: str | Path, group: str) -> Iterator[tuple[int, str, Path]]:
@@ -146,11 +178,36 @@ def _coerce_integers(extra: dict) -> str | None:
     return None
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+def _delimiter(path: Path) -> str:
+    return "\t" if path.suffix.lower() == ".tsv" else ","
+
+
+def _csv_header(path: Path) -> list[str]:
+    with _open_text(path, newline="") as f:
+        header = next(csv.reader(f, delimiter=_delimiter(path)), [])
+    for column, name in enumerate(header, 1):
+        bad = _bad_byte(name)
+        if bad:
+            raise ValueError(f"{path}:line 1: column {column} of the header is not UTF-8 ({bad}); "
+                             "no row can be read without it")
+    return header
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict | Skip]]:
+    """(line number, row) of a CSV/TSV list; a row that cannot be trusted comes as a :class:`Skip` instead."""
+    with _open_text(path, newline="") as f:
+        reader = csv.DictReader(f, delimiter=_delimiter(path))
         for row in reader:
-            yield reader.line_num, row
+            where = f"{path}:line {reader.line_num}"
+            cells = [v for k, v in row.items() if k is not None] + row.get(None, [])
+            bad = next((f"cell {i}: {b}" for i, v in enumerate(cells, 1) if v and (b := _bad_byte(v))), None)
+            if bad:
+                yield reader.line_num, Skip("not_utf8", f"{where}: {bad}")
+            elif None in row:  # DictReader's restkey: cells beyond the header, which no column name owns
+                n = len(reader.fieldnames)
+                yield reader.line_num, Skip("extra_cells", f"{where}: {n + len(row[None])} cells, the header has {n}")
+            else:
+                yield reader.line_num, row
 
 
 def table(
@@ -160,8 +217,9 @@ def table(
     base: str | Path | None = None,
     source: str | None = None,
 ) -> Iterator[Item | Skip]:
-    """A CSV or parquet list of (local image path, caption, extra columns...); extra columns go into ``json``.
-    Relative image paths are resolved against ``base`` (default: the list's folder)."""
+    """A CSV, TSV (``.tsv``) or parquet list of (local image path, caption, extra columns...); extra columns go
+    into ``json``. Relative image paths are resolved against ``base`` (default: the list's folder). A row with
+    more cells than the header, or with bytes that are not UTF-8, is skipped and reported."""
     path = Path(path)
     base = Path(base) if base is not None else path.parent
     source = source or path.stem
@@ -173,14 +231,16 @@ def table(
         numbered = ((i + 1, row) for i, row in enumerate(rows))
         where = "row"
     else:
-        with open(path, newline="", encoding="utf-8") as f:
-            columns = set(csv.DictReader(f).fieldnames or [])
+        columns = set(_csv_header(path))
         numbered = _csv_rows(path)
         where = "line"
     for column in (image_column, caption_column):
         if column not in columns:
             raise ValueError(f"{path}: no column {column!r} (columns: {sorted(columns)})")
     for n, row in numbered:
+        if isinstance(row, Skip):
+            yield row
+            continue
         image, caption = row[image_column], row[caption_column]
         if image is None or not str(image).strip():
             yield Skip("no_image_path", f"{path}:{where} {n}")
@@ -196,4 +256,4 @@ def table(
         meta = {"uid": extra.pop("uid", None) or make_uid(source, str(image), str(n)), "source": source,
                 "kind": "caption", "image": str(image), **extra}
         image_path = Path(image) if Path(image).is_absolute() else base / image
-        yield Item(f"{n:09d}", str(image_path), str(caption).strip(), meta)
+        yield Item(f"{n:09d}", str(image_path), str(caption).strip(), meta, where=f"{path}:{where} {n}")

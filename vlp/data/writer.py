@@ -3,9 +3,12 @@
 Guarantees:
 - a shard appears under its final name only when complete (written as ``.<name>.partial``, fsynced, renamed);
 - the manifest (``manifest.json``: samples and bytes per shard, totals, the skip report) is written last, the
-  same way, so a folder with a manifest is a finished shard set;
-- a bad input (unreadable or undecodable image, empty caption, caption line without a comma) is skipped,
-  counted per reason and listed with its file and line in the report; the run goes on;
+  same way, so a folder with a manifest is a finished shard set (:func:`vlp.data.shards.check_complete` says
+  what is missing from one without);
+- a bad input (unreadable or undecodable image, empty caption, caption line without a comma or not UTF-8) is
+  skipped, counted per reason and listed with its file and line in the report; the run goes on;
+- writer processes die with the process that started them: a killed writer leaves ``.partial`` files, never
+  shards that keep appearing after it is gone;
 - an existing shard set is never overwritten unless asked;
 - tars are byte-for-byte reproducible (fixed mtime and owner), images are stored as read unless a resize
   is asked for.
@@ -15,7 +18,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing
 import os
+import re
+import signal
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -23,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from vlp.atomic import write_text
 from vlp.data.shards import MANIFEST
 from vlp.data.sources import Item, Skip
 
@@ -33,6 +41,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_LISTED_SKIPS = 10_000  # the report keeps counts of everything, and lists up to this many offenders
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+_writer_pid: int | None = None  # set in pool processes only: the writer they work for
 
 
 @dataclass
@@ -71,6 +82,35 @@ def _encode_image(path: str, opts: WriterOptions) -> tuple[str, bytes]:
         return ext, out.getvalue()
 
 
+def _image_error(e: Exception) -> str:
+    """The reason an image failed, without object reprs: their memory addresses change from run to run and
+    mean nothing to the reader of a report."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    text = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+    return re.sub(r"\s+at 0x[0-9a-fA-F]+", "", text)
+
+
+def _stop_with_writer(writer_pid: int) -> None:
+    """Pool initializer: a pool process must not outlive the writer (``kill -9`` gives the writer no chance to
+    stop its pool, and an orphan would go on renaming shards into a folder that is no longer being written)."""
+    global _writer_pid
+    _writer_pid = writer_pid
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        # The kernel sends SIGKILL when the thread that forked this process exits; write_shards forks and
+        # waits on its pool from the same thread, so that is the writer's end.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _exit_if_orphaned()  # the writer may have died before prctl took effect
+
+
+def _exit_if_orphaned() -> None:
+    # Elsewhere than Linux this check, made before every rename, is all there is.
+    if _writer_pid is not None and os.getppid() != _writer_pid:
+        os._exit(1)
+
+
 def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict, list[tuple[str, str]]]:
     import webdataset as wds
 
@@ -82,16 +122,14 @@ def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict
     with open(partial, "wb") as f:
         with wds.TarWriter(f, encoder=False, mtime=0, user="vlp", group="vlp") as tar:
             for item in items:
+                where = f"{item.where}: {item.image}" if item.where else item.image
                 try:
                     ext, image = _encode_image(item.image, opts)
                 except FileNotFoundError:
-                    skips.append(("missing_image", item.image))
-                    continue
-                except OSError as e:  # PIL raises OSError subclasses for truncated or unknown images
-                    skips.append(("bad_image", f"{item.image}: {e}"))
+                    skips.append(("missing_image", where))
                     continue
                 except Exception as e:  # noqa: BLE001 - decoders raise many types; a bad file must not stop the run
-                    skips.append(("bad_image", f"{item.image}: {type(e).__name__}: {e}"))
+                    skips.append(("bad_image", f"{where}: {_image_error(e)}"))
                     continue
                 sample = {"__key__": item.key, ext: image,
                           "json": json.dumps(item.meta, ensure_ascii=False, default=str).encode("utf-8")}
@@ -103,6 +141,7 @@ def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict
                 count += 1
         f.flush()
         os.fsync(f.fileno())
+    _exit_if_orphaned()
     os.replace(partial, final)
     return {"name": name, "samples": count, "bytes": final.stat().st_size}, skips
 
@@ -113,7 +152,7 @@ def _check_output(out: Path, opts: WriterOptions) -> None:
     if existing and not opts.overwrite:
         raise FileExistsError(f"{out} already holds a shard set ({existing[0].name}, ...); "
                               "choose another folder or pass --overwrite")
-    for stale in list(out.glob(".*.tar.partial")) + (existing if opts.overwrite else []):
+    for stale in list(out.glob(".*.partial")) + (existing if opts.overwrite else []):
         stale.unlink()
 
 
@@ -140,7 +179,11 @@ def write_shards(inputs: Iterable[Item | Skip], out: str | Path, opts: WriterOpt
     records = []
     bar = tqdm(total=len(items), unit="sample", desc=f"shards -> {out}", disable=not progress)
     if opts.workers > 1 and len(tasks) > 1:
-        with ProcessPoolExecutor(opts.workers) as pool:
+        # fork where prctl exists: the pool processes are then children of this process itself (not of a fork
+        # server), which is what both of _stop_with_writer's checks rely on.
+        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+        with ProcessPoolExecutor(opts.workers, mp_context=context, initializer=_stop_with_writer,
+                                 initargs=(os.getpid(),)) as pool:
             for record, bad in pool.map(_write_shard, tasks):
                 records.append(record)
                 skips.extend(bad)
@@ -165,9 +208,7 @@ def write_shards(inputs: Iterable[Item | Skip], out: str | Path, opts: WriterOpt
         "options": {"samples_per_shard": n, "resize": opts.resize, "verify": opts.verify},
         "seconds": round(time.time() - start, 2),
     }
-    tmp = out / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / MANIFEST)
+    write_text(out / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False), fsync=True)
     return manifest
 
 
