@@ -5,8 +5,8 @@ A registry entry is ``eval/prompts/<name>.yaml`` with ``classnames`` and ``templ
 - ``{open_clip: NAME}``: a list that ``open_clip.zero_shot_metadata`` ships (ImageNet's names and 80 templates),
 - ``{same_as: OTHER}``: the list of another registry entry.
 
-``eval/`` is found beside the package (the repository root of an editable install) unless ``VLP_EVAL_DIR``
-points elsewhere.
+The registry is the ``eval/`` folder vlp ships (:mod:`vlp.resources`: the repository's top-level ``eval/`` in a
+source checkout, a packed copy in an installed wheel) unless ``VLP_EVAL_DIR`` points elsewhere.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from vlp import resources
+
 EVAL_DIR_ENV = "VLP_EVAL_DIR"
 
 
@@ -24,12 +26,12 @@ class PromptError(ValueError):
 
 
 def eval_dir() -> Path:
-    """The registry folder: ``$VLP_EVAL_DIR``, else ``<repository root>/eval``."""
+    """The registry folder: ``$VLP_EVAL_DIR``, else the ``eval/`` folder shipped with vlp."""
     override = os.environ.get(EVAL_DIR_ENV)
-    path = Path(override) if override else Path(__file__).resolve().parents[2] / "eval"
+    path = Path(override) if override else resources.path("eval")
     if not path.is_dir():
-        raise PromptError(f"the eval registry folder {path} does not exist; set {EVAL_DIR_ENV} to the repository's "
-                          "eval/ folder (vlp must be installed editable, or the variable set)")
+        where = f"set by ${EVAL_DIR_ENV}" if override else "vlp/resources/eval, a link to the repository's eval/"
+        raise PromptError(f"the eval registry folder {path} ({where}) does not exist")
     return path
 
 
