@@ -1,4 +1,4 @@
-"""End-to-end wall time of ``vlp eval`` against ``clip_benchmark eval``, same model and data, same run (issue 3).
+"""End-to-end wall time of ``vlp eval`` against ``clip_benchmark eval``, same model and data, same run.
 
     .venv/bin/python benchmarks/eval_speed.py                  # ~5 minutes on 2 cores
     .venv/bin/python benchmarks/eval_speed.py --repeats 2 --write-results
@@ -46,7 +46,7 @@ CB_VERSION = "1.6.2"
 # clip_benchmark's CLI imports its captioning metrics (pycocoevalcap) and dataset downloaders (requests) at start-up.
 CB_PACKAGES = [f"clip-benchmark=={CB_VERSION}", "numpy<2.4", "pycocoevalcap==1.2", "requests", "urllib3", "certifi",
                "charset-normalizer"]
-SECTION = "## Evaluation speed (issue 3)"
+SECTION = "## Evaluation speed: vlp eval against clip_benchmark eval"
 GOAL = 1.5
 # registers vlp's model configs with open_clip, then clip_benchmark's own console entry point
 CB_WRAPPER = "import sys, vlp.models; from clip_benchmark.cli import main; sys.exit(main())"

@@ -1,4 +1,4 @@
-"""Training speed on one GPU: vlp's trainer against ``open_clip_train.main``, ViT-B/32, bf16, batch 256 (issue 4).
+"""Training speed on one GPU: vlp's trainer against ``open_clip_train.main``, ViT-B/32, bf16, batch 256.
 
     python benchmarks/gpu_speed.py --out OUT                          # on a GPU machine, about 6 minutes
     python benchmarks/gpu_speed.py --out OUT --device cpu --model vlp-tiny-32 --batch 32 --images 512 \\

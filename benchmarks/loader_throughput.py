@@ -1,4 +1,4 @@
-"""Loader throughput on Flickr8k shards: vlp's ShardStream/Loader against open_clip_train's get_wds_dataset (issue 2).
+"""Loader throughput on Flickr8k shards: vlp's ShardStream/Loader against open_clip_train's get_wds_dataset.
 
     .venv/bin/python benchmarks/loader_throughput.py            # 5-8 minutes on 2 cores
     .venv/bin/python benchmarks/loader_throughput.py --smoke    # a minute: 2 shards, 32 px, 1 worker
@@ -330,7 +330,8 @@ def stage_costs(shard: Path, size: int, repeats: int = 3) -> dict:
 
 def crop_geometry(grids: list[int], draws: int = 20000) -> dict:
     """Crop boxes drawn on a square image of each side in ``grids``, by vlp (seeded ``random.Random``) and by
-    torchvision's RandomResizedCrop on the 160 px source. vlp's draft path draws on the drafted image's grid."""
+    torchvision's RandomResizedCrop on the 160 px source. The smaller grids show how coarse the augmentation would be
+    if a box were drawn on a drafted image's pixels; vlp's draft path draws it on the stored size instead."""
     import torch
     from torchvision.transforms import RandomResizedCrop
 

@@ -1,6 +1,6 @@
-"""Learning at parity: vlp's trainer against ``open_clip_train.main`` on Flickr8k train, CPU (issue 4).
+"""Learning at parity: vlp's trainer against ``open_clip_train.main`` on Flickr8k train, CPU.
 
-    .venv/bin/python benchmarks/train_compare.py                       # the issue's 3 epochs, warmup 30
+    .venv/bin/python benchmarks/train_compare.py                       # the parity run: 3 epochs, warmup 30
     .venv/bin/python benchmarks/train_compare.py --epochs 1 --warmup 12
     .venv/bin/python benchmarks/train_compare.py --fast                # also vlp's recipe, configs/flickr8k-fast.yaml
     .venv/bin/python benchmarks/train_compare.py --fast --no-parity    # open_clip_train and the recipe only
