@@ -17,8 +17,7 @@ that would start too late) and writes ``OUT/<part>.json``; ``OUT/gpu_speed.{json
   swapped likewise. vlp's tokens stay in pinned host memory, where its loaders deliver them (its trainer plans
   the packed text tower from the host's tokens; from device tokens that would be one more read per step). The
   clock starts after ``--warmup`` steps (device synchronised) and stops after the last step's optimizer update.
-  ``-immediate`` makes vlp read each step's values before it queues the next step (its CPU behaviour) instead of
-  one step late. ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip). ``-compile`` is
+  ``-nopack`` runs vlp over the padded context (the same FLOPs as open_clip). ``-compile`` is
   ``model.compile: true`` / ``--torchcompile`` (vlp then runs its text tower over the padded context, as open_clip
   does); ``-compile-visual`` compiles vlp's image tower only and keeps the packed text tower.
 - ``e2e-*``: each tool's command line from the shards (``--workers`` loader processes, resampled shards, full
@@ -126,28 +125,28 @@ def part_flops(args) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    import vlp.models  # noqa: F401
-    from vlp.models.packed_text import pack_text
+    from vlp.config import ModelConfig
+    from vlp.models import build_model
 
-    torch.manual_seed(0)
-    model = open_clip.create_model(args.model, output_dict=True).to(args.device)
     loss_fn = open_clip.ClipLoss()
     images, texts = batches(args, 1, normalized=True)[0]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
-    def count() -> float:
+    def count(pack: bool) -> float | None:
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name=args.model), args.device, pack_text=pack)
+        if pack and not model.packed:
+            return None
         counter = FlopCounterMode(display=False)
         with counter, torch.autocast(args.device, dtype=dtype, enabled=args.device == "cuda"):
-            out = model(images, texts)
+            out = model(model.prepare({"image": images, "text": texts.cpu()}) | {"image": images})
             loss_fn(out["image_features"], out["text_features"], out["logit_scale"]).backward()
-        model.zero_grad(set_to_none=True)
         return counter.get_total_flops() / args.batch
 
-    nominal = count()
-    reason = pack_text(model)
-    packed = count() if reason is None else None
+    packed = count(True)
     tokens = (texts.argmax(-1) + 1).float().mean().item()
-    return {"nominal_flops_per_sample": nominal, "packed_flops_per_sample": packed, "pack_text": reason or "packed",
+    return {"nominal_flops_per_sample": count(False), "packed_flops_per_sample": packed,
+            "pack_text": "packed" if packed is not None else "not packable",
             "mean_caption_tokens": round(tokens, 1), "context": texts.shape[1]}
 
 
@@ -192,14 +191,13 @@ def vlp_sets(args, shards: str | None = None) -> list[str]:
     return sets
 
 
-def part_resident_vlp(args, pack: bool = True, compile: bool | str = False, defer: bool = True) -> dict:
+def part_resident_vlp(args, pack: bool = True, compile: bool | str = False) -> dict:
     from vlp.config import load_experiment
     from vlp.train.loop import Trainer
 
     sets = vlp_sets(args, shard_spec(args)) + [f"model.pack_text={pack}", f"model.compile={compile}",
                                                       "data.workers=0"]
     trainer = Trainer(load_experiment(REPO / "configs" / "flickr8k-tiny.yaml", sets), Path(args.out) / "run-vlp")
-    trainer.defer_reads = trainer.defer_reads and defer  # -immediate: read each step's values before the next
     total = args.warmup + args.steps
     loader = Resident(args, batches(args, 4, normalized=False, host_tokens=True), total, as_dict=True)
     trainer.loader, trainer.total_steps = loader, total
@@ -212,7 +210,7 @@ def part_resident_vlp(args, pack: bool = True, compile: bool | str = False, defe
     trainer.save = save
     record = trainer.train()
     return {"samples_per_s": args.batch * args.steps / (marks[0] - loader.t0), "steps": args.steps,
-            "final_loss": record["loss"], "deferred_reads": trainer.defer_reads}
+            "final_loss": record["loss"]}
 
 
 def part_resident_openclip(args, compile: bool = False) -> dict:
@@ -350,12 +348,10 @@ PARTS = {
     "shards": part_shards,
     "resident-vlp": part_resident_vlp,
     "resident-openclip": part_resident_openclip,
-    "resident-vlp-immediate": lambda a: part_resident_vlp(a, defer=False),
     "resident-vlp-nopack": lambda a: part_resident_vlp(a, pack=False),
     "e2e-vlp": part_e2e_vlp,
     "e2e-openclip": part_e2e_openclip,
     "resident-vlp-compile": lambda a: part_resident_vlp(a, compile=True),
-    "resident-vlp-compile-immediate": lambda a: part_resident_vlp(a, compile=True, defer=False),
     "resident-openclip-compile": lambda a: part_resident_openclip(a, compile=True),
     "resident-vlp-compile-visual": lambda a: part_resident_vlp(a, compile="visual"),
 }
@@ -388,8 +384,7 @@ def report(args, results: dict) -> str:
         if name.startswith("resident-vlp") and "nopack" not in name and "compile" not in name and packed and peak:
             note += f"; executed-FLOP utilisation {100 * rate * packed / peak:.1f}%"
         lines.append(f"| {name} | {rate:.0f} | {mfu} | {mfc} | {note} |")
-    pairs = [("resident-vlp", "resident-openclip"), ("resident-vlp", "resident-vlp-immediate"),
-             ("resident-vlp-compile", "resident-vlp-compile-immediate"), ("resident-vlp-nopack", "resident-openclip"),
+    pairs = [("resident-vlp", "resident-openclip"), ("resident-vlp-nopack", "resident-openclip"),
              ("e2e-vlp", "e2e-openclip"), ("resident-vlp-compile", "resident-openclip-compile"),
              ("resident-vlp-compile-visual", "resident-openclip-compile")]
     lines.append("")

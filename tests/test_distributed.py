@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import REPO, make_shard_set
+from conftest import REPO, make_sample, make_shard_set, write_tar
 from vlp.config import experiment_from_dict
+from vlp.models import split_state
 
 BATCH = 8  # per rank
 
@@ -86,6 +87,49 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path, objective, 
             assert torch.allclose(result["grads"][name], grad, atol=1e-5, rtol=1e-4), name
 
 
+PARTS = {"prefix": {"type": "text_prefix", "kinds": ["caption", "label"], "length": 2},
+         "head": {"type": "linear_head", "classes": 3}}
+
+
+def labelled_shards(root, n: int) -> None:
+    """Caption and label samples alternating (each with a class), for a model with a prefix and a head."""
+    root.mkdir(parents=True, exist_ok=True)
+    write_tar(root / "00000.tar", [make_sample(f"s{i:04d}", i, kind="label" if i % 2 else "caption", label=i % 3)
+                                   for i in range(n)])
+
+
+def parts_experiment(shards, batch_size, accum_steps=2):
+    exp = experiment(shards, batch_size, accum_steps=accum_steps)
+    exp.model.parts = PARTS
+    exp.objectives = experiment_from_dict({"name": "x", "objectives": [
+        {"name": "clip"}, {"name": "classify", "weight": 0.5, "options": {"head": "head"}}]}).objectives
+    return exp
+
+
+def _parts_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    loss, grads = first_step(parts_experiment(shards, BATCH // 2), f"{out}/run")
+    torch.save({"loss": loss, "grads": grads}, f"{out}/rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_model_with_a_prefix_and_a_head_on_two_ranks_with_accumulation_equals_one_process(tmp_path):
+    """2 ranks x 2 micro-batches of 4 against 1 process with one batch of 16: the same samples in one contrastive
+    batch, the head's loss over all of them, the same gradient for every parameter, parts included."""
+    shards = tmp_path / "shards"
+    labelled_shards(shards, 2 * BATCH)
+    mp.spawn(_parts_rank, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
+    loss, grads = first_step(parts_experiment(shards, 2 * BATCH, accum_steps=1), tmp_path / "single")
+    assert {"parts.prefix.vectors", "parts.head.linear.weight"} <= set(grads)
+    assert grads["parts.prefix.vectors"].abs().sum(-1).gt(0).all()  # both kinds' vectors learn
+    for r in range(2):
+        result = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert abs(result["loss"] - loss) < 1e-5
+        for name, grad in grads.items():
+            assert torch.allclose(result["grads"][name], grad, atol=1e-5, rtol=1e-4), name
+
+
 def test_torchrun_cli_runs_two_processes(tmp_path):
     shards = tmp_path / "shards"
     make_shard_set(shards, [13, 20, 7])  # uneven: ranks must still leave the epoch together
@@ -126,6 +170,7 @@ def test_fsdp_trains_a_timm_tower_and_saves_a_plain_checkpoint(tmp_path):
     mp.spawn(_fsdp_timm_rank, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
     saved, state = checkpoint.load(checkpoint.latest(tmp_path / "run"))
     assert state["step"] == 2 and state["world_size"] == 2
+    saved = split_state(saved)[0]
     model = open_clip.create_model("vlp-r10t-32-t2")
     model.load_state_dict(saved)  # whole tensors, plain names: the sharding does not leak into the file
     assert saved["token_embedding.weight"].shape == (49408, 128)

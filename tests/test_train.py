@@ -12,7 +12,7 @@ import torch
 from conftest import make_shard_set
 from vlp.config import experiment_from_dict
 from vlp.data.preprocess import normalize_batch
-from vlp.models.packed_text import is_packed
+from vlp.models import split_state
 from vlp.models.trim import TrimmedConv2d
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo
@@ -43,9 +43,8 @@ def shards(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("ema,in_memory,defer", [(None, False, False), (0.9, False, False), (None, True, False),
-                                                (None, False, True)])
-def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, ema, in_memory, defer):
+@pytest.mark.parametrize("ema,in_memory", [(None, False), (0.9, False), (None, True)])
+def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, ema, in_memory):
     exp = experiment(shards, data={"workers": 2, "in_memory": in_memory}, train={"checkpoint_every": 100, "ema": ema})
     full = Trainer(exp, tmp_path / "full")
     full.train()
@@ -53,7 +52,6 @@ def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, 
     assert (full.step, full.epoch) == ((10, 1) if in_memory else (12, 1))
 
     first = Trainer(exp, tmp_path / "killed")
-    first.defer_reads = defer  # as on CUDA: each step's values are read during the next step
     real_step = first.train_step
 
     def step_then_signal(micro):
@@ -63,8 +61,7 @@ def test_a_killed_and_resumed_run_ends_with_identical_weights(shards, tmp_path, 
 
     first.train_step = step_then_signal
     first.train()
-    # step 9 carries the flag; its values are read in step 9, or during step 10 where reads are deferred
-    stop = 10 if defer else 9
+    stop = 9  # step 9 carries the flag to every rank
     assert first.step == stop and checkpoint.latest(tmp_path / "killed").name == f"step-{stop:07d}"
     resumed = Trainer(exp, tmp_path / "killed")
     assert resumed.step == stop and resumed.epoch == 1
@@ -104,11 +101,11 @@ def test_ema_checkpoint_holds_the_average_and_the_online_weights_beside_it(shard
     assert moved > len(expected) // 2, "the average must differ from the last weights"
     # the average is a plain open_clip checkpoint too
     model = open_clip.create_model("vlp-tiny-32", pretrained=str(path / "model.safetensors"))
-    assert torch.equal(model.state_dict()["text_projection"], average["text_projection"])
+    assert torch.equal(model.state_dict()["text_projection"], average["clip.text_projection"])
     # evaluation sees the average, training keeps its own weights
     with trainer.ema.applied(trainer.raw_model) as m:
-        assert torch.equal(m.text_projection, average["text_projection"])
-    assert torch.equal(trainer.raw_model.text_projection, final["text_projection"])
+        assert torch.equal(m.clip.text_projection, average["clip.text_projection"])
+    assert torch.equal(trainer.raw_model.clip.text_projection, final["clip.text_projection"])
 
 
 def test_ema_settings_that_cannot_work_are_errors(shards, tmp_path):
@@ -143,14 +140,12 @@ def test_accumulation_gives_the_big_batch_gradient(shards, tmp_path):
         assert torch.allclose(big[name], acc[name], atol=1e-5, rtol=1e-4), name
 
 
-@pytest.mark.parametrize("defer,bad_step", [(False, 4), (True, 4), (True, 3)])
-def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, defer, bad_step):
-    """Read at once, the check raises before the optimizer steps. Read one step late (as on CUDA), the device skips
-    the bad step's update by itself; the host raises during the next step, before that step's update (bad step
-    3), or before the checkpoint of the bad step is written (bad step 4)."""
+@pytest.mark.parametrize("bad_step", [3, 4])
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp_path, bad_step):
+    """The host reads the step's loss after the backward and raises before the optimizer steps (bad step 3), and
+    before the checkpoint of the bad step is written (bad step 4)."""
     exp = experiment(shards, train={"checkpoint_every": 2, "max_steps": 6})
     trainer = Trainer(exp, tmp_path)
-    trainer.defer_reads = defer
     real_step = trainer.train_step
 
     before = {}
@@ -158,7 +153,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
     def poisoned(micro):
         if trainer.step == bad_step - 1:
             with torch.no_grad():
-                trainer.raw_model.logit_scale.fill_(float("nan"))
+                trainer.raw_model.clip.logit_scale.fill_(float("nan"))
             before.update(weights(trainer))
         return real_step(micro)
 
@@ -167,9 +162,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(shards, tmp
         trainer.train()
     # the optimizer never moved a weight
     after = weights(trainer)
-    assert all(torch.equal(before[k], after[k]) for k in before if k != "logit_scale")
-    if not defer:  # the backward ran: the check waits until it is queued
-        assert any(p.grad is not None for p in trainer.raw_model.parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before if k != "clip.logit_scale")
+    assert any(p.grad is not None for p in trainer.raw_model.parameters())  # the backward ran before the check
     model_state, state = checkpoint.load(checkpoint.latest(tmp_path))
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in model_state.values())
 
@@ -179,7 +173,7 @@ def test_checkpoint_loads_in_open_clip(shards, tmp_path):
     trainer.train()
     path = checkpoint.latest(tmp_path) / "model.safetensors"
     model, _, preprocess = open_clip.create_model_and_transforms("vlp-tiny-32", pretrained=str(path))
-    ours = trainer.raw_model.state_dict()
+    ours = trainer.raw_model.clip.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in model.state_dict().items())
 
 
@@ -205,8 +199,9 @@ def test_parameter_rules_freeze_a_tower_and_drop_weight_decay(shards, tmp_path):
     before = weights(trainer)
     trainer.train()
     after = weights(trainer)
-    visual = [k for k in before if k.startswith("visual.")]
-    text = [k for k in before if k.startswith("transformer.") and k.endswith("weight")]
+    # the rules name parameters as open_clip does (model.safetensors' names)
+    visual = [k for k in before if k.startswith("clip.visual.")]
+    text = [k for k in before if k.startswith("clip.transformer.") and k.endswith("weight")]
     assert visual and all(torch.equal(before[k], after[k]) for k in visual)
     assert all(not torch.equal(before[k], after[k]) for k in text)
     decays = {g["weight_decay"] for g in trainer.optimizer.param_groups}
@@ -221,13 +216,14 @@ def test_siglip_objective_trains(shards, tmp_path):
     assert math.isfinite(record["loss"]) and "logit_bias" in record
     from vlp.eval.models import load_model
 
-    loaded = load_model(str(tmp_path)).model  # the run folder: its config names no logit bias, the file has one
-    assert torch.equal(loaded.logit_bias, trainer.raw_model.logit_bias.detach())
-    # the same weights as open_clip_train writes them (epoch_N.pt: a DDP-prefixed state dict inside a dict)
-    state = {f"module.{k}": v for k, v in trainer.raw_model.state_dict().items()}
+    loaded = load_model(str(tmp_path)).model  # the run folder: rebuilt from its config (model.init_logit_bias)
+    assert torch.equal(loaded.clip.logit_bias, trainer.raw_model.clip.logit_bias.detach())
+    # the same weights as open_clip_train writes them (epoch_N.pt: a DDP-prefixed state dict inside a dict), whose
+    # logit bias the config name alone would not create
+    state = {f"module.{k}": v for k, v in trainer.raw_model.clip.state_dict().items()}
     torch.save({"epoch": 3, "name": "siglip", "state_dict": state}, tmp_path / "epoch_3.pt")
     loaded = load_model(f"vlp-tiny-32:{tmp_path / 'epoch_3.pt'}").model
-    assert torch.equal(loaded.logit_bias, trainer.raw_model.logit_bias.detach())
+    assert torch.equal(loaded.clip.logit_bias, trainer.raw_model.clip.logit_bias.detach())
 
 
 def test_k_captions_per_sample_train_and_a_bad_setting_names_the_key(tmp_path):
@@ -239,9 +235,8 @@ def test_k_captions_per_sample_train_and_a_bad_setting_names_the_key(tmp_path):
     trainer.loader.set_epoch(1)
     batch = next(iter(trainer.loader))  # what the objective saw: 8 images, 2 caption rows each
     assert batch["image"].shape[0] == 8 and batch["text"].shape[0] == 16
-    bad = experiment(root, data={"caption": "first", "captions_per_sample": 2})
-    with pytest.raises(ValueError, match="data.captions_per_sample"):
-        Trainer(bad, tmp_path / "bad")
+    with pytest.raises(ValueError, match="data.captions_per_sample"):  # when the config loads
+        experiment(root, data={"caption": "first", "captions_per_sample": 2})
 
 
 def test_fused_adamw_takes_the_same_steps_as_the_default_one(shards, tmp_path):
@@ -260,7 +255,7 @@ def test_channels_last_trains_the_same_weights_and_saves_plain_ones(shards, tmp_
         exp = experiment(shards, model={"name": "vlp-r10t-32-t2", "channels_last": channels_last},
                          train={"max_steps": 3})
         trainer = Trainer(exp, tmp_path / str(channels_last))
-        conv = trainer.raw_model.visual.trunk.conv1[0].weight
+        conv = trainer.raw_model.clip.visual.trunk.conv1[0].weight
         assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
         start = weights(trainer)
         trainer.train()
@@ -277,7 +272,7 @@ def test_channels_last_trains_the_same_weights_and_saves_plain_ones(shards, tmp_
         assert (moved - moved_plain).norm() <= 0.25 * moved_plain.norm() + 1e-12, k
     saved, _ = checkpoint.load(checkpoint.latest(tmp_path / "True"))
     assert all(v.is_contiguous() for v in saved.values())
-    open_clip.create_model("vlp-r10t-32-t2").load_state_dict(saved)
+    open_clip.create_model("vlp-r10t-32-t2").load_state_dict(split_state(saved)[0])
     with pytest.raises(ValueError, match="model.channels_last cannot be combined with train.fsdp"):
         Trainer(experiment(shards, model={"channels_last": True}, train={"fsdp": True}), tmp_path / "fsdp")
 
@@ -290,16 +285,16 @@ def test_uint8_batches_are_normalised_by_the_trainer_as_the_loader_would(shards,
     batch = next(iter(plain.loader))
     assert batch["image"].dtype == torch.float32  # on the CPU the loader normalises
     images = torch.randint(0, 256, batch["image"].shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    pp = open_clip.get_model_preprocess_cfg(plain.raw_model)
+    pp = open_clip.get_model_preprocess_cfg(plain.raw_model.clip)
     before = weights(plain)
     plain.train_step([{**batch, "image": normalize_batch(images, pp["mean"], pp["std"])}])
     raw.train_step([{**batch, "image": images}])
     after_plain, after_raw = weights(plain), weights(raw)
-    assert not torch.equal(after_plain["visual.conv1.weight"], before["visual.conv1.weight"])
+    assert not torch.equal(after_plain["clip.visual.conv1.weight"], before["clip.visual.conv1.weight"])
     assert all(torch.equal(after_plain[k], after_raw[k]) for k in after_plain)
 
     for in_memory in (False, True):  # a CUDA trainer's loaders keep uint8 (building one needs no GPU)
-        loader = build_loader(experiment(shards, data={"in_memory": in_memory}).data, plain.raw_model,
+        loader = build_loader(experiment(shards, data={"in_memory": in_memory}).data, plain.raw_model.clip,
                               open_clip.get_tokenizer("vlp-tiny-32"), DistInfo(device=torch.device("cuda")), 0)
         opts = loader.opts if in_memory else loader.stream.opts
         assert opts.normalize is False
@@ -322,28 +317,31 @@ def test_trimmed_convolutions_and_packed_text_train_the_same_weights(shards, tmp
         exp = experiment(shards, model={"name": "vlp-r10t-32-t2", "trim_dead_taps": faster, "pack_text": faster},
                          train={"max_steps": 3})
         trainer = Trainer(exp, tmp_path / str(faster))
-        assert isinstance(trainer.raw_model.visual.trunk.layer4[0].conv2, TrimmedConv2d) == faster
-        assert is_packed(trainer.raw_model) == faster
-        # packed, the tokens reach the model with their packing plan, worked out on the host
-        _, text = trainer._inputs(next(iter(trainer.loader)))
-        assert hasattr(text, "vlp_packing_plan") == faster
+        assert isinstance(trainer.raw_model.clip.visual.trunk.layer4[0].conv2, TrimmedConv2d) == faster
+        assert trainer.raw_model.packed == faster
+        # packed, the model's inputs carry the packing plan, worked out on the host
+        assert ("text_plan" in trainer._inputs(next(iter(trainer.loader)))) == faster
+        # open_clip's text Transformer module runs only where the tower is not packed
+        padded_calls = []
+        trainer.raw_model.clip.transformer.register_forward_hook(lambda *args: padded_calls.append(1))
         trainer.train()
+        assert (len(padded_calls) == 0) == faster and (len(padded_calls) == 3 or faster)
         return weights(trainer)
 
     faster, plain = trained(True), trained(False)
     # the same tolerance as channels-last above: rounding shows up to ~1e-4, 3 steps move every matrix by 1.6e-3+
     assert all(torch.allclose(faster[k].float(), plain[k].float(), atol=5e-4) for k in faster)
     saved, _ = checkpoint.load(checkpoint.latest(tmp_path / "True"))
-    open_clip.create_model("vlp-r10t-32-t2").load_state_dict(saved)
+    open_clip.create_model("vlp-r10t-32-t2").load_state_dict(split_state(saved)[0])
 
 
 def test_compiling_one_tower_keeps_plain_checkpoint_names(shards, tmp_path):
     trainer = Trainer(experiment(shards, model={"compile": "visual"}, train={"max_steps": 2}), tmp_path)
-    assert trainer.raw_model.visual._compiled_call_impl is not None  # nn.Module.compile() ran on the image tower
-    assert trainer.raw_model.transformer._compiled_call_impl is None
+    assert trainer.raw_model.clip.visual._compiled_call_impl is not None  # nn.Module.compile() ran on the image tower
+    assert trainer.raw_model.clip.transformer._compiled_call_impl is None
     assert math.isfinite(trainer.train()["loss"])
     saved, _ = checkpoint.load(checkpoint.latest(tmp_path))
-    assert set(saved) == set(open_clip.create_model("vlp-tiny-32").state_dict())
+    assert set(saved) == {f"clip.{k}" for k in open_clip.create_model("vlp-tiny-32").state_dict()}
     with pytest.raises(ValueError, match="model.compile: 'vision'"):
         Trainer(experiment(shards, model={"compile": "vision"}), tmp_path / "bad")
 
@@ -430,37 +428,7 @@ def test_log_lines_carry_the_interval_mean_loss_and_threads_apply(shards, tmp_pa
     assert [r["loss_mean"] for r in rows] == pytest.approx(expected, rel=1e-9)
 
 
-def test_reads_one_step_late_give_the_same_run_and_log(shards, tmp_path):
-    """Deferred reads (CUDA with the fused AdamW) change when the host reads, not what is computed or logged."""
-    runs = {}
-    for defer in (False, True):
-        trainer = Trainer(experiment(shards, train={"epochs": 1, "log_every": 2, "checkpoint_every": 3}),
-                          tmp_path / str(defer))
-        trainer.defer_reads = defer
-        seen = []
-        real_step = trainer.train_step
-
-        def step(micro, trainer=trainer, seen=seen, real_step=real_step):
-            real_step(micro)
-            seen.append(trainer.last_record.get("loss"))
-
-        trainer.train_step = step
-        trainer.train()
-        rows = [json.loads(line) for line in (tmp_path / str(defer) / "log.jsonl").read_text().splitlines()]
-        runs[defer] = weights(trainer), rows, seen, trainer.last_record
-    (w0, rows0, seen0, last0), (w1, rows1, seen1, last1) = runs[False], runs[True]
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    drop = ("samples_per_s", "eta_s", "time")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows0] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in rows1]
-    assert [r["step"] for r in rows1] == [2, 4, 5] and last0 == last1
-    # deferred: when step n has been queued, the host has read step n - 1 (at step 4 the checkpoint of step 3 had
-    # already read it)
-    assert seen1 == [None] + seen0[:-1] and None not in seen0
-
-
-@pytest.mark.parametrize("defer", [False, True])
-def test_each_checkpoint_is_written_once_and_the_last_step_always(shards, tmp_path, monkeypatch, defer):
+def test_each_checkpoint_is_written_once_and_the_last_step_always(shards, tmp_path, monkeypatch):
     written = []
     real_save = checkpoint.save
     monkeypatch.setattr(checkpoint, "save", lambda run_dir, step, *a, **k: written.append(step) or
@@ -469,7 +437,6 @@ def test_each_checkpoint_is_written_once_and_the_last_step_always(shards, tmp_pa
         written.clear()
         trainer = Trainer(experiment(shards, train={"max_steps": max_steps, "checkpoint_every": 2}),
                           tmp_path / f"{max_steps}")
-        trainer.defer_reads = defer
         trainer.train()
         assert written == [2, 4] if max_steps == 4 else written == [2, 4, 5]
 
@@ -503,3 +470,97 @@ def test_schedules_warm_up_then_hold_or_decay_to_the_floor():
     assert cosine[6] > linear[6]  # a cosine stays high longer
     with pytest.raises(ValueError, match="schedule.name: unknown schedule 'step'"):
         lr_factor(5, 12, ScheduleConfig(name="step"))
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Caption and label samples alternating, each with one of 3 classes: data for a prefix and a head."""
+    from conftest import make_sample, write_tar
+
+    root = tmp_path_factory.mktemp("labelled")
+    for shard in range(2):
+        write_tar(root / f"{shard:05d}.tar", [make_sample(f"s{i:04d}", i, kind="label" if i % 2 else "caption",
+                                                          label=i % 3) for i in range(20 * shard, 20 * shard + 20)])
+    return root
+
+
+PARTS = {"prefix": {"type": "text_prefix", "kinds": ["caption", "label"], "length": 2},
+         "head": {"type": "linear_head", "classes": 3}}
+TWO_OBJECTIVES = [{"name": "clip"}, {"name": "classify", "weight": 0.5, "options": {"head": "head"}}]
+
+
+def test_a_model_with_parts_resumes_exactly_and_evaluates_with_them(labelled, tmp_path):
+    from vlp.eval.models import ModelSpecError, load_model
+
+    exp = experiment(labelled, model={"parts": PARTS}, objectives=TWO_OBJECTIVES,
+                     train={"checkpoint_every": 100, "ema": 0.9, "accum_steps": 2})
+    full = Trainer(exp, tmp_path / "full")
+    full.train()
+    assert full.step == 4 and "acc_head" in full.last_record  # 2 epochs of 40 samples in 2 steps of 2 x 8 each
+    first = Trainer(exp, tmp_path / "killed")
+    real_step = first.train_step
+
+    def step_then_signal(micro):
+        real_step(micro)
+        if first.step == 1:  # SIGTERM during step 2: every rank stops after step 3
+            first._on_sigterm(signal.SIGTERM, None)
+
+    first.train_step = step_then_signal
+    first.train()
+    assert first.step == 3  # stopped inside the second epoch
+    folder = checkpoint.latest(tmp_path / "killed")
+    assert {p.name for p in folder.iterdir()} >= {"model.safetensors", "parts.safetensors", "online.safetensors",
+                                                 "online-parts.safetensors"}
+    resumed = Trainer(exp, tmp_path / "killed")
+    resumed.train()
+    a, b = weights(full), weights(resumed)
+    assert any(k.startswith("parts.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run must follow the uninterrupted one exactly"
+    assert all(torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]) for k in a)
+
+    path = checkpoint.latest(tmp_path / "full")
+    plain = open_clip.create_model("vlp-tiny-32", pretrained=str(path / "model.safetensors"))  # strict: no extras
+    average = {k: v for k, v in full.ema.shadow.items()}
+    assert torch.equal(plain.state_dict()["text_projection"], average["clip.text_projection"])
+    # vlp eval rebuilds the run's model, prefix and head included, from the run folder's config.yaml
+    loaded = load_model(str(tmp_path / "full"))
+    assert loaded.describe["text_kind"] == "caption" and loaded.describe["parts"] == ["head", "prefix"]
+    texts = ["a photo of a cat.", "a dog running"]
+    tokens = open_clip.get_tokenizer("vlp-tiny-32")(texts)
+    with full.ema.applied(full.raw_model) as model, torch.no_grad():
+        model.eval()
+        expected = model.encode_text(tokens, kind="caption")
+        as_label = model.encode_text(tokens, kind="label")
+    assert torch.allclose(loaded.encode_text(texts), expected, atol=1e-5)
+    assert not torch.allclose(loaded.encode_text(texts), as_label, atol=1e-3)
+    assert torch.allclose(load_model(str(path), text_kind="label").encode_text(texts), as_label, atol=1e-5)
+    with pytest.raises(ModelSpecError, match="parts.safetensors beside it"):  # never silently without the prefix
+        load_model(f"vlp-tiny-32:{path / 'model.safetensors'}")
+    with pytest.raises(ModelSpecError, match="text kind 'prompt'"):
+        load_model(str(path), text_kind="prompt")
+
+
+def test_accumulation_merges_a_heads_rows_with_two_objectives(labelled, tmp_path):
+    def first_step_grads(batch_size, accum):
+        exp = experiment(labelled, data={"batch_size": batch_size, "shuffle_buffer": 0, "scale": [1.0, 1.0]},
+                         model={"parts": PARTS}, objectives=TWO_OBJECTIVES,
+                         train={"accum_steps": accum, "max_steps": 1})
+        trainer = Trainer(exp, tmp_path / f"acc{accum}")
+        captured = {}
+
+        def capture(closure=None):
+            if not captured:
+                captured.update({n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()
+                                 if p.grad is not None})
+
+        trainer.optimizer.step = capture
+        trainer.train()
+        return trainer.last_record, captured
+
+    big_record, big = first_step_grads(16, 1)
+    acc_record, acc = first_step_grads(8, 2)
+    for key in ("loss", "loss_clip", "loss_classify", "acc_head"):
+        assert math.isclose(big_record[key], acc_record[key], rel_tol=1e-5), key
+    assert "parts.head.linear.weight" in big and big.keys() == acc.keys()
+    for name in big:
+        assert torch.allclose(big[name], acc[name], atol=1e-5, rtol=1e-4), name

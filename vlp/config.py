@@ -66,9 +66,8 @@ class ModelConfig:
     logit_scale_max: float = 100.0
     grad_checkpointing: bool = False
     # torch.compile: true = the whole model; "visual" or "text" = that tower only (compiled in place, so
-    # checkpoints keep plain names). On the 2-core CPU, "visual" once made a vlp-r10t-32 step 1.3x faster (for
-    # ~50 s of compiling); on a later day it was no faster than eager steps within the host's noise. The text
-    # tower compiled no faster.
+    # checkpoints keep plain names). On 2 CPU cores neither tower compiled measurably faster than eager steps
+    # (benchmarks/RESULTS.md).
     compile: Union[bool, str] = False
     # image tower and images in channels-last memory order, the layout convolutions prefer on GPUs (and oneDNN on
     # CPU; on the 2-core CPU no clear difference for vlp-r10t-32); in a ViT only the patch embedding is a convolution.
@@ -80,9 +79,11 @@ class ModelConfig:
     # took 0.17-0.22 s instead of 0.39 s per batch of 128. Towers without padded convolutions (ViTs) are unchanged.
     trim_dead_taps: bool = True
     # run open_clip's text tower over each caption's tokens up to its end-of-text token, packed, instead of the
-    # padded context (vlp/models/packed_text.py): the same result, since it attends causally and pools that token.
+    # padded context (vlp/models/text.py): the same result, since it attends causally and pools that token.
     # Only for open_clip's default CLIP text tower, and not with model.compile: true / text.
     pack_text: bool = True
+    # named extra parts (vlp/models/parts.py): {name: {type: text_prefix | linear_head, ...options}}
+    parts: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -261,9 +262,65 @@ def experiment_from_dict(data: dict, overrides: list[str] = (), smoke: bool = Fa
             raise ConfigError(f"--set {item!r}: expected key=value")
         _set_dotted(data, dotted.strip(), yaml.safe_load(raw))
     try:
-        return _build(Experiment, data, "")
+        exp = _build(Experiment, data, "")
+        validate(exp)
     except ConfigError as e:
         raise ConfigError(f"{origin}: {e}") from None
+    except ValueError as e:  # the components' own checks name the key
+        raise ConfigError(f"{origin}: {e}") from None
+    return exp
+
+
+_CHOICES = {("schedule", "name"): ("cosine", "linear", "constant"), ("train", "precision"): ("fp32", "bf16", "fp16"),
+            ("train", "device"): ("auto", "cpu", "cuda"), ("model", "compile"): (True, False, "visual", "text")}
+
+
+def validate(exp: Experiment) -> None:
+    """The checks a run would otherwise make at its first step (or never), made when the config loads: each error
+    names the dotted key. Components keep their own checks for callers that build them in code."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(exp, section), key)
+        if not any(value is c or (type(value) is type(c) and value == c) for c in choices):
+            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    t = exp.train
+    for key, value, low in (("train.accum_steps", t.accum_steps, 1), ("train.log_every", t.log_every, 1),
+                            ("train.epochs", t.epochs, 1), ("train.max_steps", t.max_steps, 1),
+                            ("train.threads", t.threads, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
+                            ("train.keep_checkpoints", t.keep_checkpoints, 1), ("data.batch_size", exp.data.batch_size, 1),
+                            ("data.workers", exp.data.workers, 0), ("eval.every", exp.eval.every, 1)):
+        if value is not None and value < low:
+            raise ConfigError(f"{key}: {value} (needs {low} or more{', or null' if key != 'data.batch_size' else ''})")
+    if t.ema is not None and not 0.0 < t.ema < 1.0:
+        raise ConfigError(f"train.ema: {t.ema} is not a decay in (0, 1) (e.g. 0.995), or null for none")
+    if not exp.objectives:
+        raise ConfigError("objectives: no objective given")
+    # the components' checks; imported here so that reading a config needs no torch
+    from vlp.data.augment import check_augment
+    from vlp.data.memory import check_size_schedule
+    from vlp.data.stream import check_caption_options
+    from vlp.models import model_image_size
+    from vlp.models.parts import PARTS, check_options
+    from vlp.objectives import build_objective
+
+    d = exp.data
+    check_caption_options(d.caption, d.captions_per_sample, prefix="data.")
+    size = None
+    if not exp.model.name.startswith(("hf-hub:", "local-dir:")):  # open_clip schemas whose config is remote
+        try:
+            size = model_image_size(exp.model.name)
+        except ValueError as e:
+            raise ConfigError(f"model.name: {e}") from None
+    check_augment(d.color_jitter, d.token_drop, d.cutout, size)
+    if d.size_schedule and size is not None:
+        check_size_schedule(d.size_schedule, size)
+    for name, options in exp.model.parts.items():
+        key = f"model.parts.{name}"
+        if not isinstance(options, dict):
+            raise ConfigError(f"{key}: expected a mapping with a type, got {options!r}")
+        options = dict(options)
+        check_options(PARTS.get(options.pop("type", None), f"{key}.type"), options, key, skip=("spec", "name"))
+    for i, o in enumerate(exp.objectives):
+        build_objective(o.name, o.options, key=f"objectives[{i}]")
 
 
 def _flatten(section: dict, prefix: str = "") -> list[tuple[str, Any]]:
@@ -290,6 +347,22 @@ def load_experiment(path: str | Path, overrides: list[str] = (), smoke: bool = F
         raise ConfigError(f"{path}: expected a mapping at the top level")
     data.setdefault("name", path.stem)
     return experiment_from_dict(data, overrides, smoke, origin=str(path))
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """The ``model:`` section of a resolved config (a run folder's or a checkpoint's ``config.yaml``): all that is
+    needed to rebuild the run's model."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read the run's config ({e})") from e
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise ConfigError(f"{path}: no model section")
+    try:
+        return _build(ModelConfig, data["model"], "model")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def to_yaml(exp: Experiment) -> str:

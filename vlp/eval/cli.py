@@ -39,6 +39,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--exact-decode", action="store_true",
                    help="decode every JPEG pixel (open_clip's preprocessing) instead of DCT-scaled fast decoding")
     p.add_argument("--plot", action="store_true", help="also write summary.png")
+    p.add_argument("--text-kind", default=None,
+                   help="for a model with a text prefix: the prefix texts are encoded with (default: its first kind, "
+                        "the caption prefix)")
     p.set_defaults(func=run)
     return p
 
@@ -46,9 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _default_out(args, suite_name: str) -> Path:
     spec = Path(args.model)
     if spec.is_dir():
-        return spec / "eval" / suite_name
+        return spec / "eval" / (suite_name if args.text_kind is None else f"{suite_name}-{args.text_kind}")
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", args.model if not spec.is_file() else f"{args.model_name}_{spec.stem}")
-    return Path("runs") / "eval" / suite_name / slug.strip("_")
+    slug = slug.strip("_") + (f"-{args.text_kind}" if args.text_kind else "")
+    return Path("runs") / "eval" / suite_name / slug
 
 
 def cpu_threads(workers: int) -> int:
@@ -72,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.data_root)  # every input error surfaces here, before any model work
     if args.device == "cpu":
         torch.set_num_threads(args.threads or cpu_threads(args.workers))
-    model = load_model(args.model, args.model_name, args.device)
+    model = load_model(args.model, args.model_name, args.device, text_kind=args.text_kind)
     store = FeatureStore(model, FeatureOptions(
         load=LoadOptions(batch_size=args.batch_size, workers=args.workers, fast_decode=not args.exact_decode),
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir())))

@@ -3,13 +3,14 @@
 :func:`load_model` takes what a user types after ``--model``:
 - ``NAME:TAG`` an open_clip config with a pretrained tag (``ViT-B-32:laion2b_s34b_b79k``);
 - ``NAME:/path/to/weights`` an open_clip config with a local weights file (``.pt``, ``.bin``, ``.safetensors``);
-- a vlp run folder (``config.yaml`` whose ``model.name`` is the open_clip config,
-  ``checkpoints/latest/model.safetensors`` a plain open_clip state dict);
+- a vlp run folder (its latest checkpoint) or checkpoint folder: the model is rebuilt from the ``model:`` section
+  of its ``config.yaml`` (extra parts included) and takes the checkpoint's weights, parts and all;
 - a checkpoint file, with ``model_name`` (``--model-name``) naming its config;
 - ``NAME`` alone: random weights (smoke tests), with a warning.
 
-Texts always go through the model's own ``encode_text``, so a model that conditions its text tower on a prefix
-chooses its evaluation prefix there.
+Every model is built by :func:`vlp.models.build_model`. Texts go through the model's ``encode_text``: a model with
+a text prefix encodes them with the prefix of ``text_kind`` (by default its first kind, the caption prefix), and
+the results record which.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-import vlp.models  # noqa: F401 - registers vlp's configs (vlp-tiny-32, ...) with open_clip
+from vlp.config import ModelConfig, load_model_config
 from vlp.data.preprocess import RESIZE_MODES
+from vlp.models import VLPModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +58,27 @@ class EvalModel:
 
 
 class OpenClipModel(EvalModel):
-    def __init__(self, model: torch.nn.Module, name: str, describe: dict, device: str = "cpu"):
+    """A :class:`VLPModel` (an open_clip model and any extra parts) behind the evaluators' interface."""
+
+    def __init__(self, model: VLPModel, name: str, describe: dict, device: str = "cpu", text_kind: str | None = None):
         self.model = model.eval().to(device)
         self.device = device
         self.tokenizer = _tokenizer(name)
-        super().__init__(identity=weights_digest(self.model, name), preprocess=_preprocess(self.model, name),
-                         describe=describe)
+        prefix = model.prefix
+        if text_kind is not None and (prefix is None or text_kind not in prefix.kinds):
+            known = f"its prefix kinds: {', '.join(prefix.kinds)}" if prefix is not None else "it has no text prefix"
+            raise ModelSpecError(f"text kind {text_kind!r} asked of {name} ({known})")
+        self.text_kind = text_kind or (prefix.kinds[0] if prefix is not None else None)
+        describe = {**describe, "text_kind": self.text_kind, "parts": sorted(model.parts) or None}
+        super().__init__(identity=weights_digest(self.model, f"{name}|{self.text_kind}"),
+                         preprocess=_preprocess(self.model.clip, name), describe=describe)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images.to(self.device)).float().cpu()
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
-        return self.model.encode_text(self.tokenizer(texts).to(self.device)).float().cpu()
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens, kind=self.text_kind if self.model.prefix else None).float().cpu()
 
 
 def _tokenizer(name: str):
@@ -109,24 +119,35 @@ def weights_digest(model: torch.nn.Module, name: str) -> str:
     return h.hexdigest()
 
 
-def _create(name: str, pretrained: str | None, device: str, **model_kwargs):
+def _build(cfg: ModelConfig, device: str, weights: dict | None = None) -> VLPModel:
+    """The builder's model for evaluation (padded text tower: open_clip's exact computation), with ``weights`` (a
+    ``VLPModel`` state dict) loaded strictly where given."""
     import open_clip
 
     try:
-        return open_clip.create_model(name, pretrained=pretrained, device=device, **model_kwargs)
+        model = build_model(cfg, device, pretrained=weights is None, pack_text=False, training=False)
+        if weights is not None:
+            model.load_state_dict(weights)
+        return model
     except (RuntimeError, KeyError, ValueError, AssertionError, pickle.UnpicklingError) as e:  # open_clip asserts
         # on shape mismatches; a torch file that weights_only loading refuses comes back as UnpicklingError
-        known = "; open_clip.list_models() lists the known configs" if open_clip.get_model_config(name) is None else ""
-        raise ModelSpecError(f"cannot build model {name!r} (pretrained={pretrained!r}): {e}{known}") from e
+        known = ("; open_clip.list_models() lists the known configs"
+                 if open_clip.get_model_config(cfg.name) is None else "")
+        raise ModelSpecError(f"cannot build model {cfg.name!r} (pretrained={cfg.pretrained!r}): {e}{known}") from e
 
 
-def _from_weights(name: str, weights: Path, device: str, describe: dict) -> OpenClipModel:
-    # open_clip's own loader: it strips DDP prefixes, unwraps {"state_dict": ...} and converts known
-    # third-party layouts; a mismatch (missing keys, wrong shapes) comes back naming the file and the config.
-    # A SigLIP-trained checkpoint has a logit bias that the config alone does not create: ask for one (its value
-    # comes from the file).
-    kwargs = {"init_logit_bias": 0.0} if _has_logit_bias(weights) else {}
-    return OpenClipModel(_create(name, str(weights), device, **kwargs), name, describe, device)
+def _from_weights(name: str, weights: Path, device: str, describe: dict, text_kind: str | None) -> OpenClipModel:
+    """An open_clip config with a weights file from elsewhere (open_clip_train's ``epoch_N.pt``, a downloaded
+    file). open_clip's own loader reads it: it strips DDP prefixes, unwraps ``{"state_dict": ...}`` and converts
+    known third-party layouts; a mismatch comes back naming the file and the config. Only such foreign files are
+    looked into, for a SigLIP logit bias that the config alone does not create; vlp checkpoints carry their config."""
+    from vlp.train.checkpoint import PARTS, MODEL
+
+    if weights.name == MODEL and (weights.parent / PARTS[MODEL]).exists():
+        raise ModelSpecError(f"{weights} belongs to a model with extra parts ({PARTS[MODEL]} beside it): evaluate "
+                             f"its checkpoint folder {weights.parent} so that they are used")
+    cfg = ModelConfig(name=name, pretrained=str(weights), init_logit_bias=0.0 if _has_logit_bias(weights) else None)
+    return OpenClipModel(_build(cfg, device), name, describe, device, text_kind)
 
 
 def _has_logit_bias(weights: Path) -> bool:
@@ -152,45 +173,51 @@ def _has_logit_bias(weights: Path) -> bool:
     return any(k.removeprefix("module.") == "logit_bias" for k in state)
 
 
-def _run_folder(folder: Path, model_name: str | None, device: str) -> OpenClipModel:
-    config = folder / "config.yaml"
-    name = model_name
-    if name is None:
-        cfg = yaml.safe_load(config.read_text()) or {}
-        name = (cfg.get("model") or {}).get("name") if isinstance(cfg, dict) else None
-        if not name:
-            raise ModelSpecError(f"{config}: no model.name (the open_clip config of the run); or pass --model-name")
-    latest = folder / "checkpoints" / "latest"
-    if latest.is_file():  # a pointer file naming the newest complete checkpoint folder
-        latest = latest.parent / latest.read_text().strip()
-    weights = latest / "model.safetensors"
-    if not weights.exists():
-        raise ModelSpecError(f"run folder {folder}: no checkpoint at {weights}")
-    return _from_weights(name, weights, device, {"model": name, "pretrained": str(weights.resolve()),
-                                                 "run": str(folder)})
+def _vlp_folder(folder: Path, model_name: str | None, device: str, text_kind: str | None) -> OpenClipModel:
+    """A run folder (its latest checkpoint) or one checkpoint folder, rebuilt from the config saved with it."""
+    from vlp.train import checkpoint
+
+    if (folder / checkpoint.MODEL).exists():
+        ckpt, run = folder, folder.parent.parent
+    else:
+        ckpt, run = checkpoint.latest(folder, needs=checkpoint.MODEL), folder
+        if ckpt is None:
+            raise ModelSpecError(f"run folder {folder}: no complete checkpoint under {folder / 'checkpoints'}")
+    cfg = load_model_config(ckpt / "config.yaml" if (ckpt / "config.yaml").exists() else folder / "config.yaml")
+    if model_name is not None and model_name != cfg.name:
+        raise ModelSpecError(f"--model-name {model_name!r}: {folder} is a {cfg.name} run (its config.yaml says so)")
+    model = _build(cfg, device, checkpoint.load_weights(ckpt))
+    return OpenClipModel(model, cfg.name, {"model": cfg.name, "pretrained": str((ckpt / checkpoint.MODEL).resolve()),
+                                           "run": str(run)}, device, text_kind)
 
 
-def load_model(spec: str, model_name: str | None = None, device: str = "cpu") -> OpenClipModel:
+def load_model(spec: str, model_name: str | None = None, device: str = "cpu",
+               text_kind: str | None = None) -> OpenClipModel:
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.yaml").exists():
-            raise ModelSpecError(f"{path} is a folder but not a vlp run folder (no config.yaml)")
-        return _run_folder(path, model_name, device)
+            raise ModelSpecError(f"{path} is a folder but not a vlp run or checkpoint folder (no config.yaml)")
+        return _vlp_folder(path, model_name, device, text_kind)
     if path.is_file():
         if model_name is None:
             raise ModelSpecError(f"{path} is a checkpoint file: pass --model-name with its open_clip config")
-        return _from_weights(model_name, path, device, {"model": model_name, "pretrained": str(path.resolve())})
+        return _from_weights(model_name, path, device, {"model": model_name, "pretrained": str(path.resolve())},
+                             text_kind)
     if spec.startswith(("hf-hub:", "local-dir:")):  # open_clip schemas that carry their own weights
-        return OpenClipModel(_create(spec, None, device), spec, {"model": spec, "pretrained": spec}, device)
+        return OpenClipModel(_build(ModelConfig(name=spec), device), spec, {"model": spec, "pretrained": spec},
+                             device, text_kind)
     name, colon, rest = spec.partition(":")
     if model_name is not None and model_name != name:
         raise ModelSpecError(f"--model {spec!r} already names the config {name!r}; --model-name {model_name!r} "
                              "is only for checkpoint files and run folders")
     if not colon:
         log.warning("model %s without weights: evaluating a random initialisation", name)
-        return OpenClipModel(_create(name, None, device), name, {"model": name, "pretrained": None}, device)
+        return OpenClipModel(_build(ModelConfig(name=name), device), name, {"model": name, "pretrained": None},
+                             device, text_kind)
     if Path(rest).is_file():
-        return _from_weights(name, Path(rest), device, {"model": name, "pretrained": str(Path(rest).resolve())})
+        return _from_weights(name, Path(rest), device, {"model": name, "pretrained": str(Path(rest).resolve())},
+                             text_kind)
     if "/" in rest or rest.endswith((".pt", ".bin", ".safetensors", ".pth")):
         raise ModelSpecError(f"--model {spec!r}: weights file {rest} does not exist")
-    return OpenClipModel(_create(name, rest, device), name, {"model": name, "pretrained": rest}, device)
+    return OpenClipModel(_build(ModelConfig(name=name, pretrained=rest), device), name,
+                         {"model": name, "pretrained": rest}, device, text_kind)

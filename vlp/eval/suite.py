@@ -64,14 +64,17 @@ class Suite:
 
 
 def find_suite(name_or_path: str) -> Path:
+    """A suite file as given (a ``.yaml`` name or an existing path), else a name in the ``suites/`` folder of the
+    eval registry (:func:`vlp.eval.prompts.eval_dir`: the repository's ``eval/``, or its copy in a wheel)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise SuiteError(f"suite file {path} does not exist")
         return path
-    found = eval_dir() / "suites" / f"{name_or_path}.yaml"
-    if not found.exists():
-        known = sorted(p.stem for p in (eval_dir() / "suites").glob("*.yaml"))
+    suites = eval_dir() / "suites"
+    found = suites / f"{name_or_path}.yaml"
+    if not found.is_file():
+        known = sorted(p.stem for p in suites.glob("*.yaml"))
         raise SuiteError(f"no suite {name_or_path!r}: {found} does not exist (known: {known})")
     return found
 
@@ -141,7 +144,7 @@ def load_suite(name_or_path: str, data_root: str | Path | None = None) -> Suite:
     if data_root is not None or os.environ.get(DATA_ROOT_ENV):  # an override is relative to the working folder
         root = Path(data_root if data_root is not None else os.environ[DATA_ROOT_ENV])
     elif str(data.get("data_root", "")).startswith("builtin:"):  # a set vlp builds from an installed package
-        from vlp.demo import builtin_data
+        from vlp.data.builtin import builtin_data
 
         root = builtin_data(str(data["data_root"]).split(":", 1)[1])
     else:
@@ -201,7 +204,8 @@ class Result:
     def as_json(self, model: dict) -> dict:
         e = self.entry
         return {"dataset": e.dataset.name, "task": e.evaluator.task, "model": model.get("model"),
-                "pretrained": model.get("pretrained"), "metrics": self.metrics, "main_metric": self.main_metric,
+                "pretrained": model.get("pretrained"), "text_kind": model.get("text_kind"), "metrics": self.metrics,
+                "main_metric": self.main_metric,
                 "protocol": e.evaluator.protocol(), "options": e.options, "data": e.dataset.describe(),
                 "prompts": e.dataset.prompt_sources or None, "seconds": round(self.seconds, 3), "language": "en"}
 

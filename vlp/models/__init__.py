@@ -30,3 +30,9 @@ def model_image_size(name: str) -> int:
 
 def get_tokenizer(name: str):
     return open_clip.get_tokenizer(name)
+
+
+from vlp.models.model import VLPModel, build_model, join_state, split_state  # noqa: E402 - after the registration
+
+__all__ = ["VLPModel", "build_model", "get_tokenizer", "join_state", "model_image_size", "split_state",
+           "vlp_model_names"]

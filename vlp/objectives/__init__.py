@@ -1,32 +1,35 @@
 """Training objectives: small classes with one signature, chosen by name in the config.
 
-An objective is called as ``objective(out, batch) -> (loss, metrics)`` where ``out`` is the model's output
-dict (``image_features``, ``text_features``, ``logit_scale`` and, for SigLIP, ``logit_bias``; L2-normalised
-features of this rank's batch) and ``batch`` the loader's batch (metadata such as ``label`` and ``identity``
-included). Adding one is a class with ``@register("name")`` plus a config line.
+An objective is called as ``objective(out, batch) -> (loss, metrics)``: ``out`` is the model's output dict
+(vlp/models/model.py: ``image_features``, ``text_features``, ``logit_scale``, ``logit_bias`` where the model has
+one, and each head's outputs) and ``batch`` the step's batch on the device, holding the fields the objective names
+in ``fields`` (e.g. ``label``, ``identity``). ``reads`` names the outputs it uses, so that gradient accumulation
+can check it knows how to merge each of them. Objectives own no parameters: a trainable part (a head, a decoder)
+belongs to the model (``model.parts``), where the optimizer, DDP/FSDP, the EMA and checkpoints cover it.
+
+A constructor takes its options from the config, plus any of ``rank``, ``world_size`` and ``local_loss`` that it
+names. Adding an objective is a class with ``@OBJECTIVES.register("name")`` plus a config line.
 
 With ``data.captions_per_sample`` k > 1 there are k text rows per image, image-major; :func:`caption_groups`
 splits them into k aligned sets, and clip and siglip average their loss over the sets.
 """
 from __future__ import annotations
 
-from typing import Callable
+import inspect
 
 import torch
 from torch import nn
 
-OBJECTIVES: dict[str, Callable[..., "Objective"]] = {}
+from vlp.registry import Registry
 
-
-def register(name: str):
-    def decorator(cls):
-        OBJECTIVES[name] = cls
-        return cls
-
-    return decorator
+OBJECTIVES: Registry[type["Objective"]] = Registry("objective")
+CONTEXT = ("rank", "world_size", "local_loss")  # what the trainer offers every constructor that asks for it
 
 
 class Objective(nn.Module):
+    reads: tuple[str, ...] = ("image_features", "text_features", "logit_scale")
+    fields: tuple[str, ...] = ()
+
     def forward(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -43,13 +46,23 @@ def caption_groups(image_features: torch.Tensor, text_features: torch.Tensor) ->
     return [grouped[:, j].contiguous() for j in range(m // n)]
 
 
-def build_objective(name: str, options: dict, rank: int = 0, world_size: int = 1, **common) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"objectives: unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})")
+def build_objective(name: str, options: dict, key: str | None = None, **context) -> Objective:
+    """The objective ``name`` with its config ``options`` and whichever of ``context`` (``CONTEXT``) it takes.
+    ``key`` is the config key errors name (default ``objectives.<name>``)."""
+    from vlp.models.parts import check_options
+
+    cls = OBJECTIVES.get(name, f"{key}.name" if key else "objectives")
+    key = key or f"objectives.{name}"
+    accepted = inspect.signature(cls.__init__).parameters
+    check_options(cls, options, f"{key}.options", skip=CONTEXT)
     try:
-        return OBJECTIVES[name](rank=rank, world_size=world_size, **common, **options)
+        objective = cls(**{k: v for k, v in context.items() if k in accepted}, **options)
     except TypeError as e:
-        raise ValueError(f"objectives.{name}.options: {e}") from e
+        raise ValueError(f"{key}.options: {e}") from e
+    if any(True for _ in objective.parameters()):
+        raise ValueError(f"{key}: objective {name!r} has trainable parameters; put them in the model "
+                         "(model.parts) so that the optimizer, DDP/FSDP, the EMA and checkpoints cover them")
+    return objective
 
 
-from vlp.objectives import contrastive  # noqa: E402,F401 - registers clip and siglip
+from vlp.objectives import classify, contrastive  # noqa: E402,F401 - register their objectives

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from vlp.objectives import Objective, caption_groups, register
+from vlp.objectives import OBJECTIVES, Objective, caption_groups
 
 
-@register("clip")
+@OBJECTIVES.register("clip")
 class ClipObjective(Objective):
     """``label_smoothing`` (option, default 0): each row's target keeps 1 - s on its pair and spreads s evenly
     over all columns, as ``torch.nn.functional.cross_entropy(label_smoothing=s)`` does."""
@@ -46,9 +46,11 @@ class ClipObjective(Objective):
         return loss, {"logit_scale": out["logit_scale"].detach()}
 
 
-@register("siglip")
+@OBJECTIVES.register("siglip")
 class SigLipObjective(Objective):
-    def __init__(self, rank: int = 0, world_size: int = 1, local_loss: bool = False):
+    reads = ("image_features", "text_features", "logit_scale", "logit_bias")
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
         super().__init__()
         self.loss = SigLipLoss(rank=rank, world_size=world_size)
 

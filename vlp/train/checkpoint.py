@@ -2,7 +2,8 @@
 
 ``<run>/checkpoints/step-000100/`` holds ``model.safetensors`` (a plain open_clip state dict: it loads in
 ``open_clip.create_model_and_transforms(name, pretrained=path)``; with ``train.ema`` it is the average of the
-weights, and ``online.safetensors`` holds the weights the optimizer moves), ``training.pt`` (optimizer, scaler, step,
+weights, and ``online.safetensors`` holds the weights the optimizer moves), ``parts.safetensors`` (and
+``online-parts.safetensors``) for the model's extra parts (``model.parts``: heads, text prefix), ``training.pt`` (optimizer, scaler, step,
 epoch, RNG states and every rank's data position; read with ``weights_only=True``) and ``config.yaml``. The
 folder is written as ``.step-000100.partial`` and renamed when complete; ``latest`` (a one-line file, replaced
 atomically) names the newest complete checkpoint. A write killed half-way never replaces a good checkpoint.
@@ -18,9 +19,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlp import atomic
+from vlp.models.model import join_state, split_state
+
 LATEST = "latest"
 MODEL = "model.safetensors"  # the weights to use: the EMA of the weights when the run keeps one
 ONLINE = "online.safetensors"  # only with an EMA: the weights the optimizer moves (a resumed run goes on from them)
+PARTS = {MODEL: "parts.safetensors", ONLINE: "online-parts.safetensors"}  # the extra parts of each
 
 
 def rng_state() -> dict:
@@ -42,6 +47,7 @@ def set_rng_state(state: dict) -> None:
 
 def save(run_dir: Path, step: int, model_state: dict, training_state: dict, config_yaml: str, keep: int,
          online_state: dict | None = None) -> Path:
+    """A checkpoint folder from ``VLPModel`` state dicts (``clip.*`` and ``parts.*`` entries)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:07d}"
@@ -50,7 +56,10 @@ def save(run_dir: Path, step: int, model_state: dict, training_state: dict, conf
     partial.mkdir()
     for state, file in ((model_state, MODEL), (online_state, ONLINE)):
         if state is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, partial / file)
+            clip, parts = split_state(state)
+            for part, path in ((clip, file), (parts, PARTS[file])):
+                if part:
+                    save_file({k: v.detach().cpu().contiguous() for k, v in part.items()}, partial / path)
     torch.save(training_state, partial / "training.pt")
     (partial / "config.yaml").write_text(config_yaml)
     for f in partial.iterdir():
@@ -59,31 +68,39 @@ def save(run_dir: Path, step: int, model_state: dict, training_state: dict, conf
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
-    tmp = root / f".{LATEST}.partial"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
+    atomic.write_text(root / LATEST, name + "\n")
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
 
 
-def latest(run_dir: Path) -> Path | None:
+def latest(run_dir: Path, needs: str = "training.pt") -> Path | None:
+    """The newest complete checkpoint folder of a run (holding ``needs``: what resuming reads, by default), or None."""
     pointer = Path(run_dir) / "checkpoints" / LATEST
     if not pointer.exists():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "training.pt").exists() else None
+    return path if (path / needs).exists() else None
+
+
+def load_weights(path: Path, which: str = MODEL) -> dict | None:
+    """The ``VLPModel`` state dict of a checkpoint folder: ``model.safetensors`` (``which=MODEL``) or the
+    optimizer's weights of a run with an EMA (``which=ONLINE``; None where the checkpoint has none), each with its
+    parts."""
+    path = Path(path)
+    if not (path / which).exists():
+        if which == MODEL:
+            raise FileNotFoundError(f"{path} is not a vlp checkpoint (no {MODEL})")
+        return None
+    parts = path / PARTS[which]
+    return join_state(load_file(path / which), load_file(parts) if parts.exists() else None)
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    """(model state dict, training state) of a checkpoint folder."""
-    path = Path(path)
-    if not (path / MODEL).exists():
-        raise FileNotFoundError(f"{path} is not a vlp checkpoint (no {MODEL})")
-    return load_file(path / MODEL), torch.load(path / "training.pt", weights_only=True)
+    """(``VLPModel`` state dict, training state) of a checkpoint folder."""
+    return load_weights(path), torch.load(Path(path) / "training.pt", weights_only=True)
 
 
 def load_online(path: Path) -> dict | None:
     """The optimizer's weights of a checkpoint whose run keeps an EMA (None for other checkpoints)."""
-    path = Path(path) / ONLINE
-    return load_file(path) if path.exists() else None
+    return load_weights(path, ONLINE)

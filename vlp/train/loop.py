@@ -6,15 +6,13 @@ Semantics worth knowing:
   them (the trick of open_clip's ``accum_freq``), so K micro-batches of B train exactly as one batch of K*B;
 - ranks leave an epoch together (a one-number all-reduce per step, on the host: a gloo group beside NCCL), so
   none ever waits on a rank without data;
+- every model output an objective reads is merged over the micro-batches by the rule the model gives for it
+  (``VLPModel.merge_rules``: rows are concatenated, shared values such as the logit scale count once); an output
+  without a rule is an error naming the objective when the trainer is built;
 - a step whose loss is not finite stops the run and no weight takes its update (the last checkpoint stays good);
-- SIGTERM finishes the current step (and the next where reads are deferred), writes a checkpoint and exits with
-  status 0; every rank stops at the same step;
-- the host reads from the device once per step (loss, finiteness, the SIGTERM flag, metrics: ``_pack``). On the
-  CPU, or with an optimizer that cannot skip an update on the device, it reads before the optimizer moves. On CUDA
-  with the fused AdamW it reads one step late (``defer_reads``), so it never waits for the step it has just
-  queued: the device skips a non-finite step's update by itself (the optimizer's ``found_inf``, as GradScaler
-  uses it), and the host raises at the next step, before queueing that step's update. Checkpoints, evaluation and
-  the end of the run read everything first.
+- SIGTERM finishes the current step, writes a checkpoint and exits with status 0; every rank stops at the same step;
+- the host reads from the device once per step, before the optimizer moves (loss, finiteness, the SIGTERM flag,
+  metrics: ``_pack``).
 """
 from __future__ import annotations
 
@@ -36,13 +34,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-import vlp.models  # registers vlp's model configs
-from vlp.config import DataConfig, Experiment, ModelConfig, to_yaml
+from vlp.config import DataConfig, Experiment, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.stream import check_caption_options
-from vlp.models.packed_text import attach_plan, is_packed, pack_text
-from vlp.models.trim import trim_dead_taps
+from vlp.models import VLPModel, build_model, join_state, split_state
+from vlp.models.parts import SHARED
+from vlp.models.text import PackingPlan
 from vlp.objectives import build_objective
 from vlp.train import checkpoint
 from vlp.train.distributed import DistInfo, all_have_data, barrier, setup
@@ -67,46 +65,6 @@ class StepValues:
     values: torch.Tensor  # loss, sum of the micro-batch losses, stop flag, one-element metrics
     names: list[str]  # the metrics' names, in ``values[3:]``
     extra: dict  # metrics that are plain numbers already
-    ready: torch.cuda.Event | None = None  # set where ``values`` is a copy still on its way to the host
-
-
-def _logit_kwargs(cfg: ModelConfig) -> dict:
-    """The logit scale and bias settings of ``open_clip.create_model`` (a SigLIP model has a bias parameter)."""
-    kwargs = {}
-    if cfg.init_logit_scale is not None:
-        kwargs["init_logit_scale"] = cfg.init_logit_scale
-    if cfg.init_logit_bias is not None:
-        kwargs["init_logit_bias"] = cfg.init_logit_bias
-    return kwargs
-
-
-def build_model(cfg: ModelConfig, device: torch.device, fsdp: bool = False) -> torch.nn.Module:
-    """The open_clip model of ``cfg`` on ``device``. ``fsdp``: the model will be sharded, so its text tower is not
-    packed (FSDP gathers a block's weights in the block's forward, which the packed computation does not call)."""
-    if open_clip.get_model_config(cfg.name) is None:
-        raise ValueError(f"model.name: unknown model config {cfg.name!r} ({', '.join(vlp.models.vlp_model_names())} "
-                         "or one of open_clip.list_models())")
-    model = open_clip.create_model(cfg.name, pretrained=cfg.pretrained, output_dict=True, **_logit_kwargs(cfg))
-    if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model = model.to(device)
-    if cfg.trim_dead_taps:
-        trim_dead_taps(model.visual)
-    if cfg.pack_text and cfg.compile not in (True, "text") and not fsdp:
-        reason = pack_text(model)
-        if reason:
-            log.info("text tower computed over the padded context: %s", reason)
-    if cfg.channels_last:
-        model.visual.to(memory_format=torch.channels_last)
-    return model
-
-
-def resolve_shards(spec: str) -> str:
-    if spec.startswith("builtin:"):
-        from vlp.demo import builtin_shards
-
-        return str(builtin_shards(spec.split(":", 1)[1]))
-    return spec
 
 
 def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistInfo, seed: int) -> Loader:
@@ -127,23 +85,45 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                              "or data.resampled")
         from vlp.data.memory import MemoryLoader
 
-        return MemoryLoader(resolve_shards(cfg.train[0].shards), opts, tokenizer, dist.rank, dist.world_size,
+        return MemoryLoader(cfg.train[0].shards, opts, tokenizer, dist.rank, dist.world_size,
                             size_schedule=cfg.size_schedule)
     if cfg.size_schedule:
         raise ValueError("data.size_schedule needs data.in_memory: true")
-    sources = [Source(resolve_shards(s.shards), s.weight) for s in cfg.train]
+    sources = [Source(s.shards, s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
 
-def _merge_batches(batches: list[dict]) -> dict:
+def merge_batches(batches: list[dict]) -> dict:
+    """The micro-batches' fields as one batch (tensors concatenated)."""
+    return {key: torch.cat([b[key] for b in batches]) for key in batches[0]}
+
+
+def merge_outputs(outputs: list[dict], j: int, keys: set[str], rules: dict[str, str]) -> dict:
+    """Micro-batch ``j``'s outputs (with gradients) among the others' (computed without): per-sample rows
+    concatenated in micro-batch order, shared values (the logit scale) taken from ``j`` and detached unless ``j``
+    is the last, so that their gradient is counted once per step."""
     merged = {}
-    for key, value in batches[0].items():
-        if isinstance(value, torch.Tensor):
-            merged[key] = torch.cat([b[key] for b in batches])
-        elif isinstance(value, list):
-            merged[key] = [x for b in batches for x in b[key]]
+    for key in keys:
+        if rules[key] == SHARED:
+            value = outputs[j][key]
+            merged[key] = value if j == len(outputs) - 1 or value is None else value.detach()
+        else:
+            merged[key] = torch.cat([o[key] for o in outputs])
     return merged
+
+
+def to_device(inputs: dict, device: torch.device) -> dict:
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, (torch.Tensor, PackingPlan)):
+            value = value.to(device, non_blocking=True)
+        moved[key] = value
+    return moved
+
+
+class EmptyEpoch(RuntimeError):
+    pass
 
 
 class Trainer:
@@ -164,23 +144,25 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(to_yaml(exp))
         self._seed(exp.train.seed)
 
-        model = build_model(exp.model, self.device, fsdp=exp.train.fsdp)
+        model = build_model(exp.model, self.device, pack_text=False if exp.train.fsdp else None)
         freeze_parameters(model, exp.optim)
-        self.raw_model = model
+        self.raw_model: VLPModel = model
         self.replicated: set[torch.nn.Parameter] = set()  # parameters outside FSDP's sharding
         self.model = self._wrap(model)
         self.optimizer = build_optimizer(model, exp.optim)
         self.ema = self._build_ema(model)
-        self.objectives = [(o.weight, o.name, build_objective(o.name, o.options, self.dist.rank,
-                                                              self.dist.world_size, local_loss=exp.train.local_loss))
-                           for o in exp.objectives]
-        self.loader = build_loader(exp.data, model, open_clip.get_tokenizer(exp.model.name), self.dist,
+        self.objectives = [(o.weight, o.name, build_objective(o.name, o.options, key=f"objectives[{i}]",
+                                                              rank=self.dist.rank, world_size=self.dist.world_size,
+                                                              local_loss=exp.train.local_loss))
+                           for i, o in enumerate(exp.objectives)]
+        self.fields = tuple(dict.fromkeys(f for _, _, o in self.objectives for f in o.fields))
+        self.reads = self._check_reads()
+        self.loader = build_loader(exp.data, model.clip, open_clip.get_tokenizer(exp.model.name), self.dist,
                                    exp.train.seed)
         self.lookahead = getattr(self.loader, "lookahead", False)  # the stream's setting (see _plan_lookahead)
-        self.packed_text = is_packed(model)
         # On an accelerator the loaders hand over uint8 images (a quarter of the bytes to copy and pin), normalised
         # here after the copy; on the CPU they arrive normalised.
-        pp = open_clip.get_model_preprocess_cfg(model)
+        pp = open_clip.get_model_preprocess_cfg(model.clip)
         self.normalize = Normalize(pp["mean"], pp["std"], self.device)
         per_epoch = self.loader.batches_per_epoch()
         self.steps_per_epoch = per_epoch // exp.train.accum_steps if per_epoch is not None else None
@@ -196,10 +178,6 @@ class Trainer:
         self._stop = False  # the ranks agree to stop (from the read-back, so all of them at the same step)
         self._saved_step: int | None = None
         self.last_record: dict = {}
-        # Read one step late where the device can skip a non-finite step's update on its own (module docstring).
-        self.defer_reads = (self.device.type == "cuda" and not self.scaler.is_enabled()
-                            and getattr(self.optimizer, "_step_supports_amp_scaling", False))
-        self._pending: StepValues | None = None  # the last step's values, not read yet
         self._resume()
         self.logger = RunLogger(self.run_dir, self.dist.is_main, self.total_steps, self.step)
 
@@ -212,7 +190,6 @@ class Trainer:
                 self._plan_lookahead()
                 if self._run_epoch():
                     self.epoch += 1
-            self._settle()  # the last step's values (and its log line)
             if self._saved_step != self.step:  # not already written by a due checkpoint or the stop
                 self.save()
             if self._stop:
@@ -230,19 +207,21 @@ class Trainer:
 
     def _run_epoch(self) -> bool:
         """Steps until the epoch's data runs out (True) or the run is finished or stopped (False)."""
+        fresh, first_step = self.loader.at_epoch_start(), self.step
         batches = iter(self.loader)
         while not self._finished():
             micro = list(itertools.islice(batches, self.exp.train.accum_steps))
             if not all_have_data(len(micro) == self.exp.train.accum_steps, self.dist):
                 batches.close()
+                if fresh and self.step == first_step:  # else the next epoch would be empty too, forever
+                    raise EmptyEpoch(f"epoch {self.epoch} gave no batch of {self.exp.train.accum_steps} x "
+                                     f"{self.exp.data.batch_size} samples: {self.loader.describe()}")
                 return True
             self.train_step(micro)
             self.step += 1
             if self._due(self.exp.train.checkpoint_every) or self._stop:
-                self._settle()  # a checkpoint only ever holds weights whose steps were all read
                 self.save()
             if self._due(self.exp.eval.every):
-                self._settle()
                 self.evaluate()
         return False
 
@@ -257,78 +236,66 @@ class Trainer:
         return self.step >= self.total_steps or self._stop
 
     def train_step(self, micro: list[dict]) -> None:
-        """Queues one optimizer step over the micro-batches. Its values (``last_record``, the log line) are read
-        before it returns, or at the next step where reads are deferred."""
+        """One optimizer step over the micro-batches; its values go to ``last_record`` and the log."""
         self.model.train()
         lr = set_lr(self.optimizer, self.exp.optim.lr, lr_factor(self.step, self.total_steps, self.exp.schedule))
         inputs = [self._inputs(b) for b in micro]
+        batches = [to_device({f: b[f] for f in self.fields}, self.device) for b in micro]
         if len(micro) == 1:
             with self.autocast:
-                loss, metrics = self._loss(self.model(*inputs[0]), micro[0])
+                loss, metrics = self._loss(self.model(inputs[0]), batches[0])
             self.scaler.scale(loss).backward()
             losses = [loss.detach()]
         else:
             with torch.no_grad(), self.autocast:
-                cached = [self.model(*x) for x in inputs]
-            merged_batch = _merge_batches(micro)
+                outputs = [self.model(x) for x in inputs]
+            batch = merge_batches(batches)
             losses = []
             for j, x in enumerate(inputs):
                 with self._no_sync(j < len(inputs) - 1), self.autocast:
-                    out = self.model(*x)
-                    merged = dict(out)
-                    for key in ("image_features", "text_features"):
-                        merged[key] = torch.cat([out[key] if i == j else c[key] for i, c in enumerate(cached)])
-                    if j < len(inputs) - 1:  # the loss depends on these once, not once per micro-batch
-                        for key in ("logit_scale", "logit_bias"):
-                            if merged.get(key) is not None:
-                                merged[key] = merged[key].detach()
-                    loss, metrics = self._loss(merged, merged_batch)
+                    outputs[j] = self.model(x)
+                    loss, metrics = self._loss(merge_outputs(outputs, j, self.reads, self.raw_model.merge_rules),
+                                               batch)
                 self.scaler.scale(loss).backward()  # each backward adds the gradient through micro-batch j
+                outputs[j] = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in outputs[j].items()}
                 losses.append(loss.detach())
         values, names = self._pack(losses, metrics)
-        pending = StepValues(self.step + 1, self.epoch, lr, sum(len(b["uid"]) for b in micro) * self.dist.world_size,
-                             values, names, {k: float(v) for k, v in metrics.items() if k not in names})
-        skip = None
-        if self.defer_reads:
-            self._settle()  # the previous step's values, long since on the host: raises before this step's update
-            skip = (~torch.isfinite(values[1])).float()  # the device skips this step's update if it is 1
-            pending.values = values.to("cpu", non_blocking=True)
-            if values.is_cuda:
-                pending.ready = torch.cuda.Event()
-                pending.ready.record()
-            self._pending = pending
-        else:
-            self._record(pending)  # raises before the optimizer moves if a loss is not finite
+        self._record(StepValues(self.step + 1, self.epoch, lr, sum(len(b["uid"]) for b in micro) * self.dist.world_size,
+                                values, names, {k: float(v) for k, v in metrics.items() if k not in names}))
         self._sync_replicated_grads()
         if self.exp.optim.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.exp.optim.clip_grad)
-        if skip is not None:  # the fused AdamW reads found_inf on the device (GradScaler passes it the same way)
-            self.optimizer.found_inf = skip
-            try:
-                self.optimizer.step()
-            finally:
-                del self.optimizer.found_inf
-        else:
-            self.scaler.step(self.optimizer)
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
-            self.raw_model.logit_scale.clamp_(0, math.log(self.exp.model.logit_scale_max))
+            self.raw_model.clip.logit_scale.clamp_(0, math.log(self.exp.model.logit_scale_max))
         if self.ema is not None:
             self.ema.update(self.raw_model)
 
     # -- pieces --------------------------------------------------------------------------------------------
-    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images = batch["image"].to(self.device, non_blocking=True)
+    def _check_reads(self) -> set[str]:
+        """The model outputs the objectives read; with accumulation each needs a merge rule of the model."""
+        reads = {key for _, _, o in self.objectives for key in o.reads}
+        if self.exp.train.accum_steps > 1:
+            for i, (_, name, objective) in enumerate(self.objectives):
+                unknown = [k for k in objective.reads if k not in self.raw_model.merge_rules]
+                if unknown:
+                    raise ValueError(f"objectives[{i}] ({name}) reads {unknown[0]!r}, which the model does not say "
+                                     "how to merge over micro-batches: set train.accum_steps: 1, or declare the "
+                                     "output in its part's outputs")
+        return reads
+
+    def _inputs(self, batch: dict) -> dict:
+        inputs = to_device(self.raw_model.prepare(batch), self.device)
+        images = inputs["image"]
         if images.dtype == torch.uint8:
             images = self.normalize(images)
         if self.exp.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        text = batch["text"].to(self.device, non_blocking=True)
-        if self.packed_text:  # its plan from the host's tokens: the packed forward reads nothing from the device
-            text = attach_plan(batch["text"], text)
-        return images, text
+        inputs["image"] = images
+        return inputs
 
     def _loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         total, metrics = 0.0, {}
@@ -356,8 +323,6 @@ class Trainer:
     def _record(self, pending: StepValues) -> None:
         """Reads a step's values (the one wait on the device): the agreed stop flag, ``last_record``, the log line.
         Raises :class:`TrainingDiverged` if a loss of the step was not finite."""
-        if pending.ready is not None:
-            pending.ready.synchronize()
         values = pending.values.tolist()
         loss, total, stop = values[:3]
         self._stop = self._stop or stop > 0
@@ -371,12 +336,6 @@ class Trainer:
         if pending.step % self.exp.train.log_every == 0 or pending.step == self.total_steps:
             self.logger.log(pending.step, {"epoch": pending.epoch, **self.last_record,
                                            "skipped": dict(self.loader.skipped)})
-
-    def _settle(self) -> None:
-        """Reads the values of the step still on its way back from the device, if any (deferred reads)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            self._record(pending)
 
     def _sync_replicated_grads(self) -> None:
         for p in self.replicated:
@@ -395,17 +354,13 @@ class Trainer:
     def _autocast(self, precision: str):
         if precision == "fp32":
             return contextlib.nullcontext()
-        if precision not in ("bf16", "fp16"):
-            raise ValueError(f"train.precision: unknown precision {precision!r} (fp32, bf16, fp16)")
         return torch.autocast(self.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        part = self.exp.model.compile
+    def _wrap(self, model: VLPModel) -> torch.nn.Module:
+        part, clip = self.exp.model.compile, model.clip
         if part in ("visual", "text"):  # in place: parameter names (and so checkpoints) stay plain
-            text = model.text if hasattr(model, "text") else model.transformer  # CustomTextCLIP or CLIP
-            (model.visual if part == "visual" else text).compile()
-        elif not isinstance(part, bool):
-            raise ValueError(f"model.compile: {part!r} is not true, false, 'visual' or 'text'")
+            text = clip.text if hasattr(clip, "text") else clip.transformer  # CustomTextCLIP or CLIP
+            (clip.visual if part == "visual" else text).compile()
         if self.exp.train.fsdp:
             if self.exp.model.channels_last:  # FSDP2 shards only contiguous parameters (torch 2.14)
                 raise ValueError("model.channels_last cannot be combined with train.fsdp: FSDP does not shard "
@@ -415,7 +370,7 @@ class Trainer:
             from torch.distributed.fsdp import fully_shard
 
             # each transformer block is a unit; other towers (timm CNNs) go with the root unit
-            for tower in (getattr(model.visual, "transformer", None), getattr(model, "transformer", None)):
+            for tower in (getattr(clip.visual, "transformer", None), getattr(clip, "transformer", None)):
                 for block in getattr(tower, "resblocks", []):
                     fully_shard(block)
             # FSDP2 cannot shard 0-d parameters (logit scale and bias): they stay replicated and their
@@ -512,9 +467,9 @@ class Trainer:
 
         model, average = self.raw_model, self.ema
         if gathered is not None:  # the average, if any, is already in these weights
-            model = open_clip.create_model(self.exp.model.name, output_dict=True, **_logit_kwargs(self.exp.model))
+            model = build_model(self.exp.model, self.device, pretrained=False, training=False)
             model.load_state_dict(gathered)
-            model, average = model.to(self.device), None
+            average = None
         model.eval()
         with average.applied(model) if average is not None else contextlib.nullcontext():
             results = run_suite_for_training(model, self.exp.model.name, self.exp.eval.suite,

@@ -7,10 +7,18 @@ import re
 import torch
 
 from vlp.config import OptimConfig, ScheduleConfig
+from vlp.models.model import CLIP_PREFIX
+
+
+def rule_name(name: str) -> str:
+    """The name rules match: open_clip's own for the open_clip model (``visual.conv1.weight``, as in
+    ``model.safetensors``), ``parts.<part>.…`` for the extra parts."""
+    return name.removeprefix(CLIP_PREFIX)
 
 
 def _resolve(name: str, param: torch.Tensor, cfg: OptimConfig) -> tuple[float, float, bool]:
     """(lr scale, weight decay, frozen) of a parameter: rules apply in order, later ones override earlier ones."""
+    name = rule_name(name)
     lr_scale, wd, frozen = 1.0, cfg.weight_decay, False
     for rule in cfg.rules:
         if re.fullmatch(rule.pattern, name) and (rule.max_dims is None or param.dim() <= rule.max_dims):
@@ -57,7 +65,7 @@ def lr_factor(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.name == "constant":
         return 1.0
-    if cfg.name not in ("cosine", "linear"):
+    if cfg.name not in ("cosine", "linear"):  # the config refuses it when it loads; this for configs built in code
         raise ValueError(f"schedule.name: unknown schedule {cfg.name!r} (cosine, linear, constant)")
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
     left = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.name == "cosine" else 1 - progress
