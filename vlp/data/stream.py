@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 import os
 import random
 from collections import Counter
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlp.data.augment import augmenting, check_augment
 from vlp.data.batch import collate
+from vlp.data.lifetime import die_with_parent
 from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, parse_sample
 from vlp.data.shards import Shard, expand, iter_raw_samples
 
@@ -285,6 +287,13 @@ def _as_is(batch: dict) -> dict:
     return batch
 
 
+def _die_with_loader(worker_id: int) -> None:
+    # DataLoader's workers look for a dead parent only between batches, and one whose parent is gone exits by
+    # joining the thread that feeds its result pipe: once the pipe is full (its reader was the killed trainer;
+    # the sibling workers keep it open) that join does not return, and the worker lives on, holding its memory.
+    die_with_parent(multiprocessing.parent_process().pid)
+
+
 class Loader:
     """A DataLoader over a :class:`ShardStream` with a resumable position and summed bad-sample counts.
 
@@ -297,6 +306,10 @@ class Loader:
     at most two prefetch windows of samples left, so that the next epoch's first batches are ready when it
     begins instead of after a fork and a shuffle-buffer fill. That prefetched epoch starts fresh; a Loader whose
     state is loaded or whose epoch changes otherwise discards it. What the workers produce does not depend on it.
+
+    Workers die with the process that iterates the Loader, ``kill -9`` included. On Linux they die with the *thread*
+    that started them (the one that iterates, lookahead workers included), so iterate from a thread that outlives
+    the iteration, such as the main thread.
     """
 
     def __init__(self, stream: ShardStream, workers: int = 2, prefetch: int = 4, pin_memory: bool = False,
@@ -313,6 +326,7 @@ class Loader:
         # (which a lookahead would otherwise advance at a point that depends on timing of the data position).
         self.loader = DataLoader(stream, batch_size=None, collate_fn=_as_is, num_workers=workers,
                                  pin_memory=pin_memory, prefetch_factor=prefetch if workers > 0 else None,
+                                 worker_init_fn=_die_with_loader,
                                  generator=torch.Generator().manual_seed(stream.opts.seed))
 
     def _fresh_state(self) -> dict:

@@ -21,7 +21,6 @@ import logging
 import multiprocessing
 import os
 import re
-import signal
 import sys
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from vlp.atomic import write_text
+from vlp.data.lifetime import die_with_parent
 from vlp.data.shards import MANIFEST
 from vlp.data.sources import Item, Skip
 
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_LISTED_SKIPS = 10_000  # the report keeps counts of everything, and lists up to this many offenders
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 _writer_pid: int | None = None  # set in pool processes only: the writer they work for
 
@@ -96,17 +95,11 @@ def _stop_with_writer(writer_pid: int) -> None:
     stop its pool, and an orphan would go on renaming shards into a folder that is no longer being written)."""
     global _writer_pid
     _writer_pid = writer_pid
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        # The kernel sends SIGKILL when the thread that forked this process exits; write_shards forks and
-        # waits on its pool from the same thread, so that is the writer's end.
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    _exit_if_orphaned()  # the writer may have died before prctl took effect
+    die_with_parent(writer_pid)
 
 
 def _exit_if_orphaned() -> None:
-    # Elsewhere than Linux this check, made before every rename, is all there is.
+    # Checked before every rename as well: a shard must never appear in a folder whose writer is gone.
     if _writer_pid is not None and os.getppid() != _writer_pid:
         os._exit(1)
 
