@@ -143,6 +143,10 @@ class TrainConfig:
     local_loss: bool = False
     threads: Optional[int] = None  # torch threads of each process on CPU; None keeps torch's default
     ema: Optional[float] = None  # decay per step of an average of the weights (e.g. 0.995); see vlp/train/ema.py
+    # seconds a process may take to stop cleanly after SIGTERM (finish the step, write a checkpoint) before it exits
+    # without one: a rank waiting on a peer that is gone never gets there. Below torchrun's --shutdown-timeout
+    # (30 s by default), after which torchrun kills it.
+    stop_grace: float = 25.0
 
 
 @dataclass
@@ -286,10 +290,13 @@ def validate(exp: Experiment) -> None:
     for key, value, low in (("train.accum_steps", t.accum_steps, 1), ("train.log_every", t.log_every, 1),
                             ("train.epochs", t.epochs, 1), ("train.max_steps", t.max_steps, 1),
                             ("train.threads", t.threads, 1), ("train.checkpoint_every", t.checkpoint_every, 1),
-                            ("train.keep_checkpoints", t.keep_checkpoints, 1), ("data.batch_size", exp.data.batch_size, 1),
+                            ("train.keep_checkpoints", t.keep_checkpoints, 1),
+                            ("data.batch_size", exp.data.batch_size, 1),
                             ("data.workers", exp.data.workers, 0), ("eval.every", exp.eval.every, 1)):
         if value is not None and value < low:
             raise ConfigError(f"{key}: {value} (needs {low} or more{', or null' if key != 'data.batch_size' else ''})")
+    if t.stop_grace <= 0:
+        raise ConfigError(f"train.stop_grace: {t.stop_grace} (seconds, more than 0)")
     if t.ema is not None and not 0.0 < t.ema < 1.0:
         raise ConfigError(f"train.ema: {t.ema} is not a decay in (0, 1) (e.g. 0.995), or null for none")
     if not exp.objectives:

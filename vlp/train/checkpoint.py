@@ -1,11 +1,15 @@
 """Checkpoints: written atomically, the newest K kept, loaded without running pickled code.
 
-``<run>/checkpoints/step-000100/`` holds ``model.safetensors`` (a plain open_clip state dict: it loads in
-``open_clip.create_model_and_transforms(name, pretrained=path)``; with ``train.ema`` it is the average of the
-weights, and ``online.safetensors`` holds the weights the optimizer moves), ``parts.safetensors`` (and
-``online-parts.safetensors``) for the model's extra parts (``model.parts``: heads, text prefix), ``training.pt`` (optimizer, scaler, step,
-epoch, RNG states and every rank's data position; read with ``weights_only=True``) and ``config.yaml``. The
-folder is written as ``.step-000100.partial`` and renamed when complete; ``latest`` (a one-line file, replaced
+``<run>/checkpoints/step-000100/`` holds:
+- ``model.safetensors``: a plain open_clip state dict (it loads in
+  ``open_clip.create_model_and_transforms(name, pretrained=path)``); with ``train.ema`` the average of the weights;
+- ``online.safetensors``: only with ``train.ema``, the weights the optimizer moves;
+- ``parts.safetensors`` (and ``online-parts.safetensors``): the model's extra parts (``model.parts``: heads, a text
+  prefix), where it has any;
+- ``training.pt``: optimizer, scaler, step, epoch, RNG states and every rank's data position (read with
+  ``weights_only=True``);
+- ``config.yaml``: the run's resolved config, whose ``model:`` section rebuilds the model (``vlp eval``).
+The folder is written as ``.step-000100.partial`` and renamed when complete; ``latest`` (a one-line file, replaced
 atomically) names the newest complete checkpoint. A write killed half-way never replaces a good checkpoint.
 """
 from __future__ import annotations

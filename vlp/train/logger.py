@@ -1,9 +1,15 @@
-"""Run logging: a console line per interval (samples/s, ETA), ``log.jsonl``, tensorboard, a loss plot."""
+"""Run logging: a console line per interval (samples/s, ETA), ``log.jsonl``, tensorboard, a loss plot.
+
+A run that starts at step k (resumed from its checkpoint of step k, or 0 for a fresh start) drops what the log
+holds of later steps, which it is about to replay: a reader of ``log.jsonl`` or tensorboard sees each step once.
+"""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+from vlp import atomic
 
 
 class RunLogger:
@@ -15,7 +21,8 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            forget_after(self.run_dir / "log.jsonl", start_step)
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def count(self, samples: int, loss: float | None = None) -> None:
         self.samples += samples
@@ -64,6 +71,20 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def forget_after(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` (``log.jsonl``) up to ``step``, and none cut short by a killed process."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _duration(seconds: float) -> str:

@@ -10,7 +10,10 @@ Semantics worth knowing:
   (``VLPModel.merge_rules``: rows are concatenated, shared values such as the logit scale count once); an output
   without a rule is an error naming the objective when the trainer is built;
 - a step whose loss is not finite stops the run and no weight takes its update (the last checkpoint stays good);
-- SIGTERM finishes the current step, writes a checkpoint and exits with status 0; every rank stops at the same step;
+- SIGTERM finishes the current step, writes a checkpoint and exits with status 0; every rank stops at the same step.
+  A process that cannot get there (waiting in a collective on a rank that is gone, a loader that blocks) exits
+  anyway ``train.stop_grace`` seconds after the signal, with status 143 and without a checkpoint; a second SIGTERM
+  exits at once;
 - the host reads from the device once per step, before the optimizer moves (loss, finiteness, the SIGTERM flag,
   metrics: ``_pack``).
 """
@@ -21,8 +24,11 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +44,7 @@ from vlp.config import DataConfig, Experiment, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.stream import check_caption_options
-from vlp.models import VLPModel, build_model, join_state, split_state
+from vlp.models import VLPModel, build_model
 from vlp.models.parts import SHARED
 from vlp.models.text import PackingPlan
 from vlp.objectives import build_objective
@@ -176,6 +182,7 @@ class Trainer:
         self.step, self.epoch = 0, 0
         self._sigterm = False  # this process got SIGTERM
         self._stop = False  # the ranks agree to stop (from the read-back, so all of them at the same step)
+        self._watchdog: threading.Timer | None = None  # ends the process if a SIGTERM cannot be honoured in time
         self._saved_step: int | None = None
         self.last_record: dict = {}
         self._resume()
@@ -184,6 +191,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self) -> dict:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.dist.is_main:
+            print(f"training {self.exp.name} from step {self.step} to {self.total_steps} in {self.run_dir}", flush=True)
         try:
             while not self._finished():
                 self.loader.set_epoch(self.epoch)
@@ -201,6 +210,8 @@ class Trainer:
                 plot_loss(self.run_dir)
             return self.last_record
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             signal.signal(signal.SIGTERM, previous)
             self.loader.close()
             self.logger.close()
@@ -395,7 +406,19 @@ class Trainer:
         torch.manual_seed(seed)
 
     def _on_sigterm(self, signum, frame) -> None:
+        if self._sigterm:  # asked twice: no more waiting
+            self._exit_unclean("a second SIGTERM")
         self._sigterm = True  # the ranks agree on it through the next read-back
+        grace = self.exp.train.stop_grace
+        self._watchdog = threading.Timer(grace, self._exit_unclean, (f"no clean stop {grace:g} s after SIGTERM",))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _exit_unclean(self, why: str) -> None:
+        last = checkpoint.latest(self.run_dir)
+        print(f"SIGTERM: {why} (waiting on another rank or on data?): exiting without a checkpoint; the last one "
+              f"is {last or 'none'}", file=sys.stderr, flush=True)
+        os._exit(143)
 
     # -- checkpoints and evaluation ------------------------------------------------------------------------
     def save(self) -> None:
