@@ -118,3 +118,14 @@ def test_an_epoch_resumed_at_its_end_is_not_taken_for_an_empty_one(tmp_path):
     assert (resumed.step, resumed.epoch) == (2, 0) and not resumed.loader.at_epoch_start()
     resumed.train()
     assert resumed.step == 4 and resumed.epoch == 1  # the empty rest of epoch 0 passed without an error
+
+
+def test_training_on_a_shard_set_whose_writer_stopped_warns(tmp_path, caplog):
+    from conftest import make_shard_set
+
+    root = tmp_path / "shards"
+    make_shard_set(root, [8, 8])
+    (root / ".00002.tar.partial").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="vlp.train.loop"):
+        Trainer(experiment_from_dict(config(root / "{00000..00001}.tar")), tmp_path / "run")
+    assert "data.train[0].shards: an incomplete shard set" in caplog.text and ".00002.tar.partial" in caplog.text

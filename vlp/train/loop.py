@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from vlp.config import DataConfig, Experiment, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
+from vlp.data.shards import check_complete
 from vlp.data.stream import check_caption_options
 from vlp.models import VLPModel, build_model
 from vlp.models.parts import SHARED
@@ -84,6 +85,10 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
                          token_drop=cfg.token_drop, cutout=cfg.cutout, normalize=dist.device.type == "cpu")
     if not cfg.train:
         raise ValueError("data.train: no training source given")
+    for i, source in enumerate(cfg.train):  # a set whose writer stopped: its last samples are missing
+        reason = check_complete(source.shards)
+        if reason:
+            log.warning("data.train[%d].shards: an incomplete shard set: %s", i, reason)
     check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
     if cfg.in_memory:
         if len(cfg.train) > 1 or cfg.resampled:
