@@ -147,3 +147,10 @@ def test_bad_parts_are_errors_naming_the_key(parts, message):
     with pytest.raises(ValueError, match=message):
         build_model(ModelConfig(name="vlp-tiny-32", parts=parts))
 
+
+
+def test_text_towers_packing_cannot_reproduce_are_computed_padded():
+    checkpointed = build_model(ModelConfig(name="vlp-tiny-32", grad_checkpointing=True))
+    assert not checkpointed.packed  # gradient checkpointing recomputes open_clip's blocks: padded it is
+    plain = build_model(ModelConfig(name="vlp-tiny-32", grad_checkpointing=True), training=False)
+    assert plain.packed  # evaluation builds no checkpointing

@@ -37,6 +37,10 @@ def test_siglip_averages_over_caption_sets_too():
     both, _ = siglip({**out, "text_features": text}, {})
     each = [siglip({**out, "text_features": text[j::2]}, {})[0] for j in range(2)]
     assert torch.allclose(both, (each[0] + each[1]) / 2, atol=1e-6)
+    for j in range(2):  # Zhai et al. 2023, eq. 1: -sum log sigmoid(z_ij (t x_i.y_j + b)) / |B|, z = +1 on pairs
+        logits = 10.0 * image @ text[j::2].T - 5.0
+        signs = 2 * torch.eye(4) - 1
+        assert torch.allclose(each[j], -F.logsigmoid(signs * logits).sum() / 4, atol=1e-6)
 
 
 def test_text_rows_that_are_not_a_multiple_of_the_images_are_an_error():
