@@ -12,6 +12,11 @@ first batches (worker start-up, shuffle buffer) and the final checkpoint are exc
 the same clock. CPU ms/sample: user + system CPU of the training process and its loader workers between the same
 marks (/proc), which other load on a shared machine inflates much less than wall time.
 The report gives each run and the median over runs of each tool; ``--out``/train_speed.{json,md}.
+
+``--baseline DIR`` adds a third tool, ``vlp-baseline``: the vlp of another checkout (e.g.
+``git worktree add /tmp/base <rev>``), run from this one with ``PYTHONPATH=DIR``, so that a change to the trainer
+is timed against the code before it in the same rounds; ``--tools`` picks which tools run
+(``--tools vlp,vlp-baseline`` leaves open_clip_train out).
 """
 from __future__ import annotations
 
@@ -88,12 +93,13 @@ def run_openclip(run: Path, shards: Path, steps: int, skip: int) -> dict:
                    run.parent / f"{run.name}.log")
 
 
-def run_vlp(run: Path, shards: Path, steps: int, skip: int) -> dict:
+def run_vlp(run: Path, shards: Path, steps: int, skip: int, tree: str | None = None) -> dict:
     cmd = [PY, "-m", "vlp", "train", "configs/flickr8k-tiny.yaml", "--run-dir", str(run),
            "--set", f"data.train=[{{shards: '{shard_spec(shards)}'}}]", "--set", f"train.max_steps={steps}",
            "--set", "train.epochs=1", "--set", "schedule.warmup_steps=10", "--set", "train.log_every=1",
            "--set", "train.checkpoint_every=null", "--set", "train.resume=never"]
-    return measure(cmd, {}, run / "log.jsonl", vlp_steps, steps, skip, run.parent / f"{run.name}.log")
+    env = {"PYTHONPATH": tree} if tree else {}
+    return measure(cmd, env, run / "log.jsonl", vlp_steps, steps, skip, run.parent / f"{run.name}.log")
 
 
 def main() -> None:
@@ -103,14 +109,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--skip", type=int, default=10, help="first steps left out of the timing")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--baseline", help="another checkout's folder: its vlp is timed too, as vlp-baseline")
+    p.add_argument("--tools", default=None, help="comma-separated: open_clip_train, vlp, vlp-baseline (default: all)")
     args = p.parse_args()
     if args.steps % WORKERS or args.skip >= args.steps:
         raise SystemExit(f"--steps must be a multiple of {WORKERS} and larger than --skip")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shards = ensure_shards(Path(args.shards))
-    ensure_wds()
     tools = {"open_clip_train": run_openclip, "vlp": run_vlp}
+    if args.baseline:
+        tools["vlp-baseline"] = lambda run, shards, steps, skip: run_vlp(run, shards, steps, skip, args.baseline)
+    if args.tools:
+        tools = {name: tools[name] for name in args.tools.split(",")}
+    if "open_clip_train" in tools:
+        ensure_wds()
     runs = []
     for r in range(args.rounds):
         order = list(tools) if r % 2 == 0 else list(tools)[::-1]
@@ -125,19 +138,20 @@ def main() -> None:
             runs.append(result)
     medians = {t: statistics.median(x["samples_per_s"] for x in runs if x["tool"] == t) for t in tools}
     cpu = {t: statistics.median(x["cpu_ms_per_sample"] for x in runs if x["tool"] == t) for t in tools}
-    ratio = medians["vlp"] / medians["open_clip_train"]
+    reference = "open_clip_train" if "open_clip_train" in tools else "vlp-baseline"
+    ratio = medians["vlp"] / medians[reference]
     summary = {"steps": args.steps, "skip": args.skip, "rounds": args.rounds, "batch": BATCH, "workers": WORKERS,
                "model": MODEL, "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs (shared)",
                "load_average_after": os.getloadavg(), "runs": runs, "median_samples_per_s": medians,
-               "median_cpu_ms_per_sample": cpu, "vlp_over_open_clip": ratio,
-               "cpu_open_clip_over_vlp": cpu["open_clip_train"] / cpu["vlp"], "goal": GOAL}
+               "median_cpu_ms_per_sample": cpu, "reference": reference, "vlp_over_reference": ratio,
+               "cpu_reference_over_vlp": cpu[reference] / cpu["vlp"], "goal": GOAL,
+               "baseline": args.baseline}
     (out / "train_speed.json").write_text(json.dumps(summary, indent=1))
     lines = ["| tool | round | samples/s | CPU ms/sample | steps | process wall (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {x['tool']} | {x['round']} | {x['samples_per_s']:.1f} | {x['cpu_ms_per_sample']:.1f} | "
               f"{x['steps']} | {x['process_s']:.0f} |" for x in runs]
-    lines += ["", f"median: open_clip_train {medians['open_clip_train']:.1f}, vlp {medians['vlp']:.1f} samples/s; "
-              f"vlp / open_clip_train = {ratio:.2f}x (goal {GOAL}x); CPU ms/sample open_clip_train "
-              f"{cpu['open_clip_train']:.1f}, vlp {cpu['vlp']:.1f} ({cpu['open_clip_train'] / cpu['vlp']:.2f}x)"]
+    lines += ["", "median: " + ", ".join(f"{t} {medians[t]:.1f}" for t in tools) + " samples/s; "
+              f"vlp / {reference} = {ratio:.2f}x; CPU ms/sample " + ", ".join(f"{t} {cpu[t]:.1f}" for t in tools)]
     (out / "train_speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

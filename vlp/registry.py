@@ -11,14 +11,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, what: str):
+    def __init__(self, what: str, attribute: str | None = None):
         self.what = what  # "objective", "model part", ...: the word an error uses
+        self.attribute = attribute  # set on each registered class to its name (e.g. an evaluator's ``task``)
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
             if name in self._items and self._items[name] is not item:
                 raise ValueError(f"{self.what} {name!r} is registered twice")
+            if self.attribute:
+                setattr(item, self.attribute, name)
             self._items[name] = item
             return item
 
@@ -28,6 +31,9 @@ class Registry(Generic[T]):
         """The item called ``name``; ``key`` is the config key that named it (for the error)."""
         if name not in self._items:
             raise ValueError(f"{key}: unknown {self.what} {name!r} (known: {', '.join(sorted(self._items))})")
+        return self._items[name]
+
+    def __getitem__(self, name: str) -> T:
         return self._items[name]
 
     def __contains__(self, name: str) -> bool:

@@ -24,19 +24,13 @@ from vlp.data.shards import ShardSpecError, expand
 from vlp.data.sources import Item, caption_file, identity_folders, labelled_folder
 from vlp.eval import prompts, wds_layout
 from vlp.eval.images import FileImages, ImageSet, ShardImages, merge_by_image
+from vlp.registry import Registry
 
-FORMATS: dict[str, type["EvalDataset"]] = {}
+FORMATS: Registry[type["EvalDataset"]] = Registry("dataset format", attribute="format")
+register_format = FORMATS.register
 
 class DatasetError(ValueError):
     pass
-
-
-def register_format(name: str):
-    def wrap(cls):
-        cls.format = name
-        FORMATS[name] = cls
-        return cls
-    return wrap
 
 
 class EvalDataset(ABC):

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vlp import atomic
 from vlp.eval.images import ImageSet, LoadOptions, batch_count
 from vlp.eval.models import EvalModel
 
@@ -58,13 +59,6 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class FeatureStore:
     def __init__(self, model: EvalModel, opts: FeatureOptions | None = None):
         self.model = model
@@ -93,7 +87,7 @@ class FeatureStore:
                 buffer = io.BytesIO()
                 np.savez(buffer, features=found.features.numpy(), records=np.array(json.dumps(found.records)),
                          skipped=np.array(json.dumps(found.skipped)))
-                _atomic_write(path, buffer.getvalue())
+                atomic.write_bytes(path, buffer.getvalue())
         self._memory[key] = found
         return found
 
@@ -144,6 +138,6 @@ class FeatureStore:
             if path is not None:
                 buffer = io.BytesIO()
                 np.save(buffer, found.numpy())
-                _atomic_write(path, buffer.getvalue())
+                atomic.write_bytes(path, buffer.getvalue())
         self._memory[key] = found
         return found

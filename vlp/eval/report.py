@@ -11,6 +11,7 @@ import json
 import math
 from pathlib import Path
 
+from vlp import atomic
 from vlp.eval.suite import Result, Suite
 
 
@@ -35,7 +36,7 @@ def write_results(suite: Suite, results: list[Result], model: dict, out: Path, p
         seen[slug] = seen.get(slug, 0) + 1
         name = slug if seen[slug] == 1 else f"{slug}__{seen[slug]}"  # the same task twice on one dataset
         path = out / f"{name}.json"
-        path.write_text(json.dumps(r.as_json(model), indent=1, default=str) + "\n")
+        atomic.write_text(path, json.dumps(r.as_json(model), indent=1, default=str) + "\n")
         written[name] = path
     average = unweighted_average(results)
     written["summary.md"] = _markdown(suite, results, model, average, out / "summary.md")
@@ -52,7 +53,7 @@ def _markdown(suite: Suite, results: list[Result], model: dict, average: float, 
         lines.append(f"| {r.entry.dataset.name} | {r.entry.evaluator.task} | {r.main_metric} | "
                      f"{_number(r.metrics[r.main_metric])} | {r.entry.evaluator.protocol() or 'standard'} |")
     lines.append(f"| **average** | unweighted over {len(results)} entries | | {_number(average)} | |")
-    path.write_text("\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -12,16 +12,10 @@ from typing import ClassVar
 
 from vlp.eval.datasets import DatasetError, EvalDataset
 from vlp.eval.features import FeatureStore
+from vlp.registry import Registry
 
-TASKS: dict[str, type["Evaluator"]] = {}
-
-
-def register_task(name: str):
-    def wrap(cls):
-        cls.task = name
-        TASKS[name] = cls
-        return cls
-    return wrap
+TASKS: Registry[type["Evaluator"]] = Registry("evaluation task", attribute="task")
+register_task = TASKS.register
 
 
 @dataclass
