@@ -24,7 +24,12 @@ def test_demo_trains_evaluates_and_plots(cache, tmp_path):
     assert run_demo(tmp_path / "demo", quick=True) == 0
     (result,) = (tmp_path / "demo" / "eval").glob("step-*/digits__zeroshot_classification.json")
     metrics = json.loads(result.read_text())["metrics"]
-    assert 0.0 <= metrics["acc1"] <= 1.0 and metrics["acc5"] >= metrics["acc1"]
+    assert metrics["images"] == 1797 - 1433  # every held-out digit
+    correct = metrics["acc1"] * metrics["images"]  # a count of images, as a fraction
+    assert abs(correct - round(correct)) < 1e-6
+    logged = [json.loads(line) for line in (tmp_path / "demo" / "log.jsonl").read_text().splitlines()]
+    evals = [r["eval"] for r in logged if "eval" in r]  # the figure the run printed is the one in the result file
+    assert evals and evals[-1]["digits/zeroshot_classification/acc1"] == metrics["acc1"]
     assert (tmp_path / "demo" / "plots" / "loss.png").stat().st_size > 1000
     manifest = json.loads((cache / "builtin" / "digits" / "shards" / "manifest.json").read_text())
     assert manifest["samples"] == 1433 and manifest["skipped"] == {}
