@@ -177,7 +177,7 @@ def test_fsdp_trains_a_timm_tower_and_saves_a_plain_checkpoint(tmp_path):
     assert int(saved["visual.trunk.bn1.num_batches_tracked"]) == 2  # the BatchNorm buffers went along
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     # the loss is over the global batch of 16 (ranks gathered), at chance at the start: ln 16, not ln 8
-    assert [r["step"] for r in log] == [1, 2] and abs(log[0]["loss"] - math.log(2 * BATCH)) < 0.3
+    assert [r["step"] for r in log] == [1, 2] and abs(log[0]["loss"] - math.log(2 * BATCH)) < 0.5
 
 
 def _fsdp_ema_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
