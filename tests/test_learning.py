@@ -32,7 +32,7 @@ MIN_ACC1 = 0.5
 
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    """The run's per-step losses and its final zero-shot result; digits built in this session's cache."""
+    """The run's per-step losses and its final zero-shot result; digits built in the test run's own cache."""
     tmp = tmp_path_factory.getbasetemp()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLP_CACHE", str(tmp / "cache"))  # as test_config's CLI runs: the builtin set is built once

@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from vlp import atomic
 from vlp.config import DataConfig, Experiment, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
@@ -116,6 +117,8 @@ def merge_outputs(outputs: list[dict], j: int, keys: set[str], rules: dict[str, 
     is the last, so that their gradient is counted once per step."""
     merged = {}
     for key in keys:
+        if key not in outputs[j]:  # (a SigLIP objective on a model without a logit bias says so itself)
+            continue
         if rules[key] == SHARED:
             value = outputs[j][key]
             merged[key] = value if j == len(outputs) - 1 or value is None else value.detach()
@@ -152,7 +155,7 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir else Path(exp.out) / exp.name
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(exp))
+            atomic.write_text(self.run_dir / "config.yaml", to_yaml(exp))
         self._seed(exp.train.seed)
 
         model = build_model(exp.model, self.device, pack_text=False if exp.train.fsdp else None)
