@@ -129,3 +129,34 @@ def test_training_on_a_shard_set_whose_writer_stopped_warns(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vlp.train.loop"):
         Trainer(experiment_from_dict(config(root / "{00000..00001}.tar")), tmp_path / "run")
     assert "data.train[0].shards: an incomplete shard set" in caplog.text and ".00002.tar.partial" in caplog.text
+
+
+def test_errors_a_user_can_act_on_are_one_line_naming_the_key_or_file(tmp_path):
+    """A YAML tag in --set, a replaced training.pt, a batch size of 0: each one line from the CLI, no traceback."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def vlp_train(*args):
+        done = subprocess.run([sys.executable, "-m", "vlp", "train", str(REPO / "configs" / "digits-tiny.yaml"),
+                               "--smoke", "--run-dir", str(tmp_path / "run"), *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        return done.returncode, done.stderr.strip().splitlines()
+
+    code, err = vlp_train("--set", "data.batch_size=!!python/object/apply:os.system [echo]")
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith("vlp train: config error: --set 'data.batch_size=!!python") and "not a plain" in err[-1]
+    code, err = vlp_train("--set", "data.batch_size=0")
+    assert code == 2 and err[-1].endswith("data.batch_size: 0 (needs 1 or more)")
+    assert vlp_train("--set", "train.max_steps=1")[0] == 0
+    latest = tmp_path / "run" / "checkpoints" / (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+
+    class Payload:  # what weights-only loading must refuse: an object that runs code when unpickled
+        def __reduce__(self):
+            return (print, ("unpickled",))
+
+    torch.save({"step": 1, "payload": Payload()}, latest / "training.pt")
+    code, err = vlp_train("--set", "train.max_steps=2")
+    assert code == 2 and "Traceback" not in "\n".join(err) and "unpickled" not in "\n".join(err)
+    assert err[-1].startswith(f"vlp train: error: {latest / 'training.pt'}: refused")

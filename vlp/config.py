@@ -264,7 +264,12 @@ def experiment_from_dict(data: dict, overrides: list[str] = (), smoke: bool = Fa
         dotted, eq, raw = item.partition("=")
         if not eq:
             raise ConfigError(f"--set {item!r}: expected key=value")
-        _set_dotted(data, dotted.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:  # e.g. a !!python tag, which safe loading refuses
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: not a plain YAML value ({reason})") from None
+        _set_dotted(data, dotted.strip(), value)
     try:
         exp = _build(Experiment, data, "")
         validate(exp)

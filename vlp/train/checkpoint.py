@@ -15,6 +15,7 @@ atomically) names the newest complete checkpoint. A write killed half-way never 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -97,12 +98,30 @@ def load_weights(path: Path, which: str = MODEL) -> dict | None:
             raise FileNotFoundError(f"{path} is not a vlp checkpoint (no {MODEL})")
         return None
     parts = path / PARTS[which]
-    return join_state(load_file(path / which), load_file(parts) if parts.exists() else None)
+    try:
+        return join_state(load_file(path / which), load_file(parts) if parts.exists() else None)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for a damaged file
+        raise CheckpointError(f"{path}: {which} or {PARTS[which]} is unreadable ({e})") from None
+
+
+class CheckpointError(ValueError):
+    pass
 
 
 def load(path: Path) -> tuple[dict, dict]:
-    """(``VLPModel`` state dict, training state) of a checkpoint folder."""
-    return load_weights(path), torch.load(Path(path) / "training.pt", weights_only=True)
+    """(``VLPModel`` state dict, training state) of a checkpoint folder. A file that does not read as vlp wrote it
+    (damaged, or holding objects that loading without running pickled code refuses) is an error naming it."""
+    weights = load_weights(path)
+    training = Path(path) / "training.pt"
+    try:
+        state = torch.load(training, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{training}: refused, it holds objects that weights-only loading does not allow (vlp "
+                              f"never writes them; was it replaced?): {reason}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{training}: unreadable ({str(e).strip().splitlines()[0]})") from None
+    return weights, state
 
 
 def load_online(path: Path) -> dict | None:
