@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import logging
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import jpeg_bytes, make_sample, make_shard_set, write_tar
-from vlp.data import Loader, ShardSpecError, ShardStream, Source, StreamOptions, expand
+from vlp.data import Loader, ShardSpecError, ShardStream, Source, StreamOptions, expand, iter_raw_samples
 from vlp.data.preprocess import ImageOptions
 from vlp.data.stream import epoch_ranges
 
@@ -58,6 +61,83 @@ def test_unknown_sizes_fall_back_to_whole_shards_round_robin(tmp_path):
 def test_local_tars_without_manifest_are_counted_from_headers(tmp_path):
     make_shard_set(tmp_path, [4, 9], manifest=False)
     assert [s.samples for s in expand(str(tmp_path))] == [4, 9]
+
+
+def damage_tar(path: Path, how: str, sample: int = 6) -> None:
+    """Damage a tar of ``make_shard_set`` at the second member (``.txt``) of sample ``sample``: ``cut`` inside its
+    data, ``cut_header`` inside its header, ``garbage`` written over its header; ``not_a_tar`` replaces the file."""
+    if how == "not_a_tar":
+        path.write_bytes(b"this is not a tar archive" * 40)
+        return
+    with tarfile.open(path) as tf:
+        member = [m for m in tf.getmembers() if m.name.endswith(".txt")][sample]
+    data = path.read_bytes()
+    if how == "cut":
+        data = data[:member.offset_data + member.size // 2]
+    elif how == "cut_header":
+        data = data[:member.offset + 200]
+    else:
+        data = data[:member.offset] + b"\xa5" * 512 + data[member.offset + 512:]
+    path.write_bytes(data)
+
+
+DAMAGE = {"cut": ("truncated_tar", 6), "cut_header": ("truncated_tar", 6), "garbage": ("corrupt_tar", 6),
+          "not_a_tar": ("unreadable_shard", 0)}  # how -> (reason, samples readable before the damage)
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_local_tar_counts_the_samples_before_the_damage_and_says_so_once(tmp_path, caplog, how):
+    reason, readable = DAMAGE[how]
+    make_shard_set(tmp_path, [10, 12, 9], manifest=False)
+    damage_tar(tmp_path / "00001.tar", how)
+    with caplog.at_level(logging.WARNING):
+        shards = expand(str(tmp_path))
+    assert [s.samples for s in shards] == [10, readable, 9]
+    assert [len(list(iter_raw_samples(s.url))) for s in shards] == [10, readable, 9], "the reader must agree"
+    assert shards[0].damage is None and shards[1].damage.reason == reason
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(tmp_path / "00001.tar") in warnings[0]
+    assert reason in warnings[0] and f"{readable} readable samples" in warnings[0]
+
+
+@pytest.mark.parametrize("how", ["cut", "garbage", "not_a_tar"])
+def test_a_damaged_shard_is_read_exactly_once_and_its_damage_counted_once_per_epoch(tmp_path, how):
+    reason, readable = DAMAGE[how]
+    uids = make_shard_set(tmp_path, [10, 12, 9], manifest=False)
+    damage_tar(tmp_path / "00001.tar", how)
+    per_rank, skipped = [], Counter()
+    for rank in range(2):
+        stream = ShardStream(str(tmp_path), options(batch_size=4, shuffle_buffer=20, seed=1), rank=rank, world_size=2)
+        loader = Loader(stream, workers=2, lookahead=False)
+        batches = [b["uid"] for b in loader]
+        assert len(batches) == loader.batches_per_epoch(), "the epoch length must be what is readable"
+        per_rank.append([u for b in batches for u in b])
+        skipped += loader.skipped
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(uids[:10 + readable] + uids[22:])
+    assert abs(len(per_rank[0]) - len(per_rank[1])) <= 1
+    assert skipped == Counter({reason: 1})
+    assert f"damaged: {tmp_path / '00001.tar'} ({reason}" in loader.describe()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_resumed_past_a_damaged_shard_is_the_same_and_counts_the_damage_once(tmp_path, workers):
+    make_shard_set(tmp_path, [10, 12, 9], manifest=False)
+    damage_tar(tmp_path / "00001.tar", "cut")
+
+    def loader():
+        stream = ShardStream(str(tmp_path), options(batch_size=4, shuffle_buffer=6, seed=2))
+        return Loader(stream, workers=workers, lookahead=False)
+
+    full = loader()
+    keys = [b["key"] for b in full]
+    assert len(keys) == loader().batches_per_epoch() and full.skipped == Counter(truncated_tar=1)
+    for cut in range(1, len(keys)):
+        first = loader()
+        head = [b["key"] for b in itertools.islice(first, cut)]
+        resumed = loader()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + [b["key"] for b in resumed] == keys
+        assert resumed.skipped == full.skipped, f"interrupted after batch {cut}"
 
 
 def test_shuffle_is_seeded_and_changes_with_the_epoch(tmp_path):

@@ -7,13 +7,19 @@ exact sample count where a ``manifest.json`` written by vlp lies beside them (or
 from a scan of the tar headers, which reads no image data).
 
 Reading yields raw samples: ``{"__key__", "__url__", "__index__", <ext>: bytes, ...}``, the members of one
-WebDataset sample grouped by key. Damage inside a tar is not fatal: the shard ends early and the damage is
-reported through ``on_error(reason, where)``.
+WebDataset sample grouped by key. Damage inside a tar is not fatal: the shard ends early, the sample the damage
+cut into is dropped (its missing members cannot be told from absent ones), and the damage is reported through
+``on_error(reason, where)``. The header scan stops at the same place, so a damaged local tar counts exactly the
+samples a reader yields; :func:`expand` records the damage on the :class:`Shard` and warns once.
+
+Reasons: ``unreadable_shard`` (no tar header at its start), ``truncated_tar`` (the data stops: a member or header
+cut short, or no end-of-archive blocks), ``corrupt_tar`` (a header that is not one, e.g. bytes overwritten).
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import tarfile
 from dataclasses import dataclass
@@ -25,11 +31,23 @@ import braceexpand
 MANIFEST = "manifest.json"
 BUILTIN = "builtin:"
 
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Damage:
+    reason: str  # as counted among skipped samples: unreadable_shard, truncated_tar or corrupt_tar
+    detail: str  # what was found, and where
+
+    def describe(self, url: str, samples: int) -> str:
+        return f"{url} ({self.reason}: {self.detail}; {samples} readable samples before it)"
+
 
 @dataclass(frozen=True)
 class Shard:
     url: str
-    samples: int | None = None  # exact count when known (manifest or header scan)
+    samples: int | None = None  # exact count when known (manifest or header scan): readable samples if damaged
+    damage: Damage | None = None  # found by the header scan; readers stop before it
 
 
 class ShardSpecError(ValueError):
@@ -145,17 +163,26 @@ def _written_by_vlp(folder: Path) -> bool:
     return member is not None and member.uname == "vlp"
 
 
-def count_samples(path: str) -> int:
-    """Samples in a local tar, from its headers alone (tarfile seeks over member data)."""
+def scan_samples(path: str) -> tuple[int, Damage | None]:
+    """Readable samples in a local tar and its damage, from its headers alone (tarfile seeks over member data).
+
+    Counts what :func:`iter_raw_samples` yields: the samples complete before any damage."""
     count, last = 0, None
-    with tarfile.open(path, "r:") as tf:
-        for member in tf:
-            if not member.isfile():
-                continue
-            key = split_key(member.name)[0]
-            if key != last:
-                count, last = count + 1, key
-    return count
+    try:
+        tf = _Tar.open(path, "r:")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        return 0, Damage("unreadable_shard", str(e))
+    try:
+        with tf:
+            for key, _, _ in _sample_members(tf):
+                if key != last:
+                    count, last = count + 1, key
+            damage = _end_damage(tf, os.path.getsize(path))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        damage = Damage("truncated_tar", str(e))
+    if damage is None:
+        return count, None
+    return max(count - 1, 0), damage  # less the sample the damage cut into
 
 
 def expand(spec: str | list[str], count: bool = True) -> list[Shard]:
@@ -173,10 +200,12 @@ def expand(spec: str | list[str], count: bool = True) -> list[Shard]:
                 manifests[directory] = {s["name"]: s["samples"] for s in manifest.get("shards", [])}
             samples = manifests[directory].get(os.path.basename(path))
             if samples is None and count:
-                try:
-                    samples = count_samples(path)
-                except (tarfile.TarError, OSError, EOFError):
-                    samples = None  # damaged: read it shard-wise, the reader reports the damage
+                samples, damage = scan_samples(path)
+                if damage is not None:
+                    log.warning("damaged shard %s: only the samples before the damage are read",
+                                damage.describe(url, samples))
+                shards.append(Shard(url, samples, damage))
+                continue
         shards.append(Shard(url, samples))
     return shards
 
@@ -221,11 +250,45 @@ class _CountingReader:
         self.raw.close()
 
 
-def _ends_properly(tf: tarfile.TarFile, url: str, stream: _CountingReader | None) -> bool:
-    # tarfile treats a header cut at a block boundary as the end of the archive; a whole archive has two zero
-    # blocks (1024 bytes) after the last member, which is how a tar cut between members is detected.
-    size = os.path.getsize(_local_path(url)) if stream is None else stream.drain()
-    return size >= tf.offset + 1024
+class _Header(tarfile.TarInfo):
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            tarfile_.end = e
+            raise
+
+
+class _Tar(tarfile.TarFile):
+    """A TarFile that keeps why its members ended: after the first header, tarfile ends the archive silently at a
+    zero block, at the end of the data, at a cut header and at one that is not a header alike."""
+
+    tarinfo = _Header
+    end: tarfile.HeaderError | None = None
+
+
+def _sample_members(tf: tarfile.TarFile) -> Iterator[tuple[str, str, tarfile.TarInfo]]:
+    """(key, extension, member) of the members that belong to samples, in archive order."""
+    for member in tf:
+        if not member.isfile():
+            continue
+        key, ext = split_key(member.name)
+        if key.startswith("__") or not ext:
+            continue
+        yield key, ext, member
+
+
+def _end_damage(tf: _Tar, size: int) -> Damage | None:
+    """Why a tar whose members have ended is damaged (None if it ended properly), given its size in bytes."""
+    if isinstance(tf.end, tarfile.InvalidHeaderError):
+        return Damage("corrupt_tar", f"no valid tar header at byte {tf.offset} ({tf.end})")
+    if isinstance(tf.end, tarfile.TruncatedHeaderError):
+        return Damage("truncated_tar", f"a tar header cut short at byte {tf.offset}")
+    # A whole archive has two zero blocks (1024 bytes) after its last member.
+    if not isinstance(tf.end, tarfile.EOFHeaderError) or size < tf.offset + 1024:
+        return Damage("truncated_tar", "the archive ends without its end-of-archive blocks")
+    return None
 
 
 def iter_raw_samples(
@@ -237,24 +300,19 @@ def iter_raw_samples(
     """Samples ``start <= index < stop`` of one shard, members grouped by key.
 
     Local files are read with seeks, so samples before ``start`` cost a header read each. A truncated or
-    corrupt tar ends the shard: samples already complete are kept, ``on_error("truncated_tar", url)`` is called.
+    corrupt tar ends the shard: samples already complete are kept, ``on_error(reason, where)`` is called.
     """
     report = on_error or (lambda reason, where: None)
     try:
         stream = None if _is_local(url) else _CountingReader(open_url(url))
-        tf = tarfile.open(_local_path(url), "r:") if stream is None else tarfile.open(fileobj=stream, mode="r|*")
+        tf = _Tar.open(_local_path(url), "r:") if stream is None else _Tar.open(fileobj=stream, mode="r|*")
     except (OSError, tarfile.TarError, EOFError) as e:
         report("unreadable_shard", f"{url}: {e}")
         return
     index, current = -1, None
     try:
         with tf:
-            for member in tf:
-                if not member.isfile():
-                    continue
-                key, ext = split_key(member.name)
-                if key.startswith("__") or not ext:
-                    continue
+            for key, ext, member in _sample_members(tf):
                 if current is None or key != current["__key__"]:
                     if current is not None and index >= start:
                         yield current
@@ -269,11 +327,18 @@ def iter_raw_samples(
                     if len(current[ext]) != member.size:
                         raise EOFError(f"member {member.name} is cut short")
             if current is not None and index >= start:
-                if not _ends_properly(tf, url, stream):
-                    raise EOFError("the archive ends without its end-of-archive blocks")
+                damage = _end_damage(tf, os.path.getsize(_local_path(url)) if stream is None else stream.drain())
+                if damage is not None:
+                    report(damage.reason, f"{url} {_after(index)}: {damage.detail}")
+                    return
                 yield current
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        report("truncated_tar", f"{url} after sample {index}: {e}")
+        report("truncated_tar", f"{url} {_after(index)}: {e}")
     finally:
         if stream is not None:
             stream.close()
+
+
+def _after(index: int) -> str:
+    # ``index`` is the sample being read when the damage showed: the one it cut into, which is dropped.
+    return f"after sample {index - 1}" if index > 0 else "before its first sample"
