@@ -122,15 +122,16 @@ def test_flips_mirror_about_half_the_crops(shards):
     assert mirrored + same == 25 and 5 <= mirrored <= 20
 
 
-def test_several_sources_resampling_or_a_size_schedule_without_in_memory_are_config_errors(shards, tmp_path):
+def test_resampling_or_a_size_schedule_without_in_memory_and_unsized_mixing_are_errors(shards, tmp_path):
     from vlp.config import experiment_from_dict
     from vlp.train.loop import Trainer
 
-    for data in ({"train": [{"shards": shards[0]}, {"shards": shards[0]}], "samples_per_epoch": 10},
-                 {"train": [{"shards": shards[0]}], "resampled": True, "samples_per_epoch": 10}):
+    for data, message in (({"train": [{"shards": shards[0]}], "resampled": True, "samples_per_epoch": 10},
+                           "data.in_memory reads its sources in epochs: not with data.resampled"),
+                          ({"train": [{"shards": shards[0]}, {"shards": shards[0]}]}, "data.samples_per_epoch")):
         exp = experiment_from_dict({"name": "m", "data": {**data, "in_memory": True, "workers": 0},
                                     "model": {"name": "vlp-tiny-32"}, "train": {"max_steps": 1}})
-        with pytest.raises(ValueError, match="data.in_memory holds one source"):
+        with pytest.raises(ValueError, match=message):
             Trainer(exp, tmp_path)
     exp = experiment_from_dict({"name": "m", "data": {"train": [{"shards": shards[0]}], "size_schedule": [[0, 32]],
                                                       "workers": 0},

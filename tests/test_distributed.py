@@ -98,29 +98,35 @@ def labelled_shards(root, n: int) -> None:
                                    for i in range(n)])
 
 
-def parts_experiment(shards, batch_size, accum_steps=2):
+HEAD_AND_CLIP = [{"name": "clip"}, {"name": "classify", "weight": 0.5, "options": {"head": "head"}}]
+BY_CLASS = [{"name": "group_contrast"}, {"name": "classify", "weight": 0.5, "options": {"head": "head"}}]
+
+
+def parts_experiment(shards, batch_size, accum_steps=2, objectives=HEAD_AND_CLIP):
     exp = experiment(shards, batch_size, accum_steps=accum_steps)
     exp.model.parts = PARTS
-    exp.objectives = experiment_from_dict({"name": "x", "objectives": [
-        {"name": "clip"}, {"name": "classify", "weight": 0.5, "options": {"head": "head"}}]}).objectives
+    exp.objectives = experiment_from_dict({"name": "x", "objectives": objectives}).objectives
     return exp
 
 
-def _parts_rank(rank: int, world: int, port: int, shards: str, out: str) -> None:
+def _parts_rank(rank: int, world: int, port: int, shards: str, out: str, objectives) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    loss, grads = first_step(parts_experiment(shards, BATCH // 2), f"{out}/run")
+    loss, grads = first_step(parts_experiment(shards, BATCH // 2, objectives=objectives), f"{out}/run")
     torch.save({"loss": loss, "grads": grads}, f"{out}/rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_a_model_with_a_prefix_and_a_head_on_two_ranks_with_accumulation_equals_one_process(tmp_path):
+@pytest.mark.parametrize("objectives", [HEAD_AND_CLIP, BY_CLASS], ids=["clip", "group-contrast"])
+def test_a_model_with_a_prefix_and_a_head_on_two_ranks_with_accumulation_equals_one_process(tmp_path, objectives):
     """2 ranks x 2 micro-batches of 4 against 1 process with one batch of 16: the same samples in one contrastive
-    batch, the head's loss over all of them, the same gradient for every parameter, parts included."""
+    batch (its class groups spanning ranks and micro-batches), the head's loss over all of them, the same gradient
+    for every parameter, parts included."""
     shards = tmp_path / "shards"
     labelled_shards(shards, 2 * BATCH)
-    mp.spawn(_parts_rank, args=(2, free_port(), str(shards), str(tmp_path)), nprocs=2, join=True)
-    loss, grads = first_step(parts_experiment(shards, 2 * BATCH, accum_steps=1), tmp_path / "single")
+    mp.spawn(_parts_rank, args=(2, free_port(), str(shards), str(tmp_path), objectives), nprocs=2, join=True)
+    loss, grads = first_step(parts_experiment(shards, 2 * BATCH, accum_steps=1, objectives=objectives),
+                             tmp_path / "single")
     assert {"parts.prefix.vectors", "parts.head.linear.weight"} <= set(grads)
     assert grads["parts.prefix.vectors"].abs().sum(-1).gt(0).all()  # both kinds' vectors learn
     for r in range(2):

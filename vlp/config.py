@@ -28,6 +28,9 @@ class ConfigError(ValueError):
 class SourceConfig:
     shards: str  # a shard spec (brace expansion, '::' joins, pipe:, fsspec URLs) or "builtin:digits"
     weight: float = 1.0
+    # label data: a prompt registry entry (eval/prompts/<name>.yaml, the one the evaluation suites use) whose class
+    # names and templates turn each sample's label into text, one template drawn per sample and step; kind "label"
+    prompts: Optional[str] = None
 
 
 @dataclass
@@ -325,6 +328,9 @@ def validate(exp: Experiment) -> None:
     check_augment(d.color_jitter, d.token_drop, d.cutout, size)
     if d.size_schedule and size is not None:
         check_size_schedule(d.size_schedule, size)
+    for i, source in enumerate(d.train):
+        if source.prompts is not None:
+            label_prompts(source.prompts, f"data.train[{i}].prompts")
     for name, options in exp.model.parts.items():
         key = f"model.parts.{name}"
         if not isinstance(options, dict):
@@ -359,6 +365,20 @@ def load_experiment(path: str | Path, overrides: list[str] = (), smoke: bool = F
         raise ConfigError(f"{path}: expected a mapping at the top level")
     data.setdefault("name", path.stem)
     return experiment_from_dict(data, overrides, smoke, origin=str(path))
+
+
+def label_prompts(name: str, key: str):
+    """The :class:`vlp.data.preprocess.LabelPrompts` of a prompt registry entry; errors name ``key``."""
+    from vlp.data.preprocess import LabelPrompts
+    from vlp.eval.prompts import PromptError, registry_list
+
+    try:
+        classnames, templates = registry_list(name, "classnames"), registry_list(name, "templates")
+    except PromptError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    if not classnames or not templates:
+        raise ConfigError(f"{key}: prompt registry entry {name!r} lacks classnames or templates")
+    return LabelPrompts(name, tuple(classnames), tuple(templates))
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

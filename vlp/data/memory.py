@@ -19,7 +19,14 @@ differ by 0.24 grey levels on average (``tests/test_data_memory.py``).
 the batch.
 ``data.size_schedule`` (in memory only) lowers the crop size of early epochs (progressive resizing, as in FFCV's
 ImageNet recipes); a convolutional tower takes any size, and the last entry must be the model's own.
-Not for resampled or mixed sources (they stream).
+
+Several sources mix by weight (``data.train`` with weights and ``data.samples_per_epoch``): an epoch holds
+``samples_per_epoch`` samples, source i's share of them in proportion to its weight (largest remainders), taken in
+turn from an endless sequence of that source's samples, each pass over it in a fresh order seeded by (seed, source,
+pass); the epoch's samples are then shuffled together. So every sample of a source is seen once before any is seen
+twice, and the position is still (epoch, next batch). A source with label prompts (``Source.prompts``) holds
+label data: its samples' texts are their class's prompts, one drawn per step. Not for resampled sources (they
+stream).
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ from vlp.data.augment import augmenting
 from vlp.data.batch import collate
 from vlp.data.preprocess import BadSample, decode_rgb, parse_sample, pick_captions, random_resized_crop_box
 from vlp.data.shards import expand, iter_raw_samples
-from vlp.data.stream import StreamOptions, check_caption_options, describe_shards, describe_skipped, split_range
+from vlp.data.stream import (Source, StreamOptions, check_caption_options, describe_shards, describe_skipped,
+                             split_range)
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +54,27 @@ log = logging.getLogger(__name__)
 class MemoryLoader:
     """The interface of :class:`vlp.data.Loader` (iteration, epochs, state, ``skipped``) over samples in memory."""
 
-    def __init__(self, shards: str | list[str], opts: StreamOptions, tokenizer: Callable, rank: int = 0,
-                 world_size: int = 1, size_schedule: list[tuple[int, int]] | None = None):
+    def __init__(self, sources: str | list[str] | list[Source], opts: StreamOptions, tokenizer: Callable,
+                 rank: int = 0, world_size: int = 1, size_schedule: list[tuple[int, int]] | None = None):
         check_caption_options(opts.caption, opts.captions_per_sample)
         if not opts.image.train:
             raise ValueError("data.in_memory makes training batches (random crops) only")
+        if not isinstance(sources, list) or not all(isinstance(x, Source) for x in sources):
+            sources = [Source(sources)]
+        if len(sources) > 1 and not opts.samples_per_epoch:
+            raise ValueError("data.samples_per_epoch: needed to mix several sources in memory (how many samples make "
+                             "an epoch)")
+        if any(x.weight <= 0 for x in sources):
+            raise ValueError(f"source weights must be positive, got {[x.weight for x in sources]}")
+        self.sources = sources
         self.opts, self.rank, self.world_size = opts, rank, world_size
         self.size_schedule = check_size_schedule(size_schedule, opts.image.size)
         self.skipped: Counter = Counter()
         self.epoch, self.next_batch = 0, 0
-        self._load(shards, tokenizer)
+        self._load(sources, tokenizer)
 
     # -- loading ---------------------------------------------------------------------------------------------
-    def _load(self, shards, tokenizer) -> None:
+    def _load(self, sources: list[Source], tokenizer) -> None:
         start = time.time()
         size = self.opts.image.size
         min_crop = math.sqrt(self.opts.image.scale[0] * min(self.opts.image.ratio))  # smallest crop side / image side
@@ -69,52 +85,89 @@ class MemoryLoader:
             self.skipped[reason] += 1
             log.warning("%s: %s", reason, where)
 
-        expanded = expand(shards)
-        self.shard_text = describe_shards(shards, expanded)
-        for shard in expanded:
-            for raw in iter_raw_samples(shard.url, on_error=on_error):
-                try:
-                    parsed = parse_sample(raw, self.opts.require_text, self.opts.caption)
-                    img, _ = decode_rgb(parsed["image"], need if self.opts.image.draft else None)
-                    images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-                except BadSample as e:
-                    on_error(e.reason, f"{raw.get('__url__')}: {raw['__key__']}")
-                    continue
-                captions.append(parsed["captions"])  # drawn from per batch
-                rows.append({**{k: parsed[k] for k in ("uid", "key", "kind", "label", "identity", "meta")},
-                             "source": 0})
-        if not rows:
-            raise ValueError(f"data.in_memory: no readable sample in {self.shard_text}; skipped: "
+        texts: list[str] = []  # every distinct caption list once (label data shares its class's prompts)
+        self.ranges = []  # (first row, rows) of each source
+        descriptions = []
+        for index, source in enumerate(sources):
+            expanded = expand(source.shards)
+            descriptions.append(describe_shards(source.shards, expanded))
+            first, by_class = len(rows), {}
+            for shard in expanded:
+                for raw in iter_raw_samples(shard.url, on_error=on_error):
+                    try:
+                        parsed = parse_sample(raw, self.opts.require_text, self.opts.caption, prompts=source.prompts)
+                        img, _ = decode_rgb(parsed["image"], need if self.opts.image.draft else None)
+                        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+                    except BadSample as e:
+                        on_error(e.reason, f"{raw.get('__url__')}: {raw['__key__']}")
+                        continue
+                    if source.prompts is not None:  # one token block per class, not per sample
+                        if parsed["label"] not in by_class:
+                            by_class[parsed["label"]] = (len(texts), parsed["captions"])
+                            texts.extend(parsed["captions"])
+                        start, listed = by_class[parsed["label"]]
+                    else:
+                        start, listed = len(texts), parsed["captions"]  # drawn from per batch
+                        texts.extend(listed)
+                    captions.append((start, listed))
+                    rows.append({**{k: parsed[k] for k in ("uid", "key", "kind", "label", "identity", "meta")},
+                                 "source": index})
+            self.ranges.append((first, len(rows) - first))
+        self.shard_text = "; ".join(descriptions)
+        empty = [i for i, (_, n) in enumerate(self.ranges) if n == 0]
+        if empty:
+            raise ValueError(f"data.in_memory: no readable sample in {descriptions[empty[0]]}; skipped: "
                              f"{describe_skipped(self.skipped)}")
         self.sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images])  # (h, w) as decoded
         h, w = self.sizes.max(0).values.tolist()
         self.images = torch.zeros(len(images), 3, h, w, dtype=torch.uint8)  # top-left aligned, padded
         for i, im in enumerate(images):
             self.images[i, :, :im.shape[1], :im.shape[2]] = im
-        flat = [c for cs in captions for c in cs]
-        self.tokens = tokenizer(flat)
-        self.first_caption = torch.tensor(np.cumsum([0] + [len(cs) for cs in captions[:-1]]))
-        self.caption_counts = [len(cs) for cs in captions]
-        self.captions, self.rows = captions, rows
+        self.tokens = tokenizer(texts)
+        self.first_caption = torch.tensor([start for start, _ in captions])
+        self.caption_counts = [len(listed) for _, listed in captions]
+        self.captions, self.rows = [listed for _, listed in captions], rows
         mb = self.images.numel() / 2 ** 20
         used = int(self.sizes.prod(1).sum()) * 3 / 2 ** 20
         if mb > 2 * used:  # images of mixed shapes share one padded tensor
             log.warning("data.in_memory: images of mixed sizes (up to %dx%d) are padded: %.0f MB held for %.0f MB of "
                         "pixels", w, h, mb, used)
-        log.info("data.in_memory: %d samples (%d captions) in %.0f MB, loaded in %.1f s; skipped %s",
-                 len(rows), len(flat), mb, time.time() - start, dict(self.skipped) or "none")
+        log.info("data.in_memory: %d samples (%d distinct texts) in %.0f MB, loaded in %.1f s; skipped %s",
+                 len(rows), len(texts), mb, time.time() - start, dict(self.skipped) or "none")
 
     # -- the Loader interface --------------------------------------------------------------------------------
     @property
     def num_samples(self) -> int:
-        return len(self.rows)
+        """Samples in one epoch over all ranks."""
+        return self.opts.samples_per_epoch if len(self.sources) > 1 else len(self.rows)
 
     def _rank_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.opts.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.num_samples, generator=generator) if self.opts.shuffle_buffer else \
-            torch.arange(self.num_samples)
+        order = self._mixed(epoch) if len(self.sources) > 1 else torch.arange(self.num_samples)
+        if self.opts.shuffle_buffer:
+            order = order[torch.randperm(len(order), generator=generator)]
         lo, hi = split_range(self.num_samples, self.rank, self.world_size)
         return order[lo:hi]
+
+    def _mixed(self, epoch: int) -> torch.Tensor:
+        """The rows of a mixed epoch, source by source (module docstring)."""
+        weights = [x.weight for x in self.sources]
+        exact = [self.num_samples * w / sum(weights) for w in weights]
+        counts = [math.floor(e) for e in exact]
+        for i in sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))[:self.num_samples - sum(counts)]:
+            counts[i] += 1  # largest remainders first
+        rows = []
+        for index, ((first, n), count) in enumerate(zip(self.ranges, counts)):
+            positions = torch.arange(epoch * count, (epoch + 1) * count)  # in the source's endless sequence
+            passes = positions // n
+            taken = torch.empty(count, dtype=torch.long)
+            for p in passes.unique().tolist():
+                seed = random.Random(f"{self.opts.seed}/{index}/{p}").getrandbits(62)
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+                mask = passes == p
+                taken[mask] = order[positions[mask] % n]
+            rows.append(first + taken)
+        return torch.cat(rows)
 
     def batches_per_epoch(self) -> int:
         lo, hi = split_range(self.num_samples, self.rank, self.world_size)
@@ -174,7 +227,9 @@ class MemoryLoader:
             left, top, right, bottom = random_resized_crop_box(w, h, opts.image.scale, opts.image.ratio, rng)
             boxes.append([j, left, top, right, bottom])
             flips.append(opts.image.hflip and rng.random() < 0.5)
-            picks.append(pick_captions(self.caption_counts[i], opts.caption, opts.captions_per_sample, rng))
+            prompted = self.sources[self.rows[i]["source"]].prompts is not None  # a prompt drawn per step
+            picks.append(pick_captions(self.caption_counts[i], "random" if prompted else opts.caption,
+                                       opts.captions_per_sample, rng))
         images = roi_align(self.images[idx].float(), torch.tensor(boxes, dtype=torch.float32),
                            output_size=self.image_size(self.epoch), spatial_scale=1.0, sampling_ratio=-1,
                            aligned=True)

@@ -165,14 +165,27 @@ def pick_captions(available: int, caption: str, count: int, rng: random.Random) 
     return chosen + rng.choices(range(available), k=count - len(chosen))
 
 
+@dataclass(frozen=True)
+class LabelPrompts:
+    """Class names and prompt templates (``{c}`` where the name goes) that turn a labelled sample into text: the
+    label data of Saito et al. 2023 ("Prefix Conditioning Unifies Language and Label Supervision")."""
+    name: str  # where they come from (a prompt registry entry), for messages
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    def texts(self, label: int) -> list[str]:
+        return [t.replace("{c}", self.classnames[label]) for t in self.templates]
+
+
 def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random | None = None,
-                 count: int = 1) -> dict:
+                 count: int = 1, prompts: LabelPrompts | None = None) -> dict:
     """Pick the image bytes, captions and metadata out of a raw sample, or raise :class:`BadSample`.
 
     ``captions`` holds the texts a caption draw chooses from: the non-empty entries of json["captions"] with
     ``caption="random"``, else the txt (``[""]`` for a sample without text, when text is not required). With ``rng``,
     ``texts`` holds the ``count`` that :func:`pick_captions` draws; ``text`` is the first of them (without ``rng``,
-    the first of ``captions``).
+    the first of ``captions``). With ``prompts`` the sample is label data: its captions are its class's prompts
+    (one drawn per step, whatever ``caption`` says), its kind ``label``, and a sample without a usable label is bad.
     """
     image = next((raw[k] for k in IMAGE_KEYS if k in raw), None)
     if image is None:
@@ -183,6 +196,14 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
             meta = json.loads(raw["json"])
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BadSample("bad_json", f"{raw['__key__']}: {e}") from e
+    label = meta.get("label")
+    if label is None and "cls" in raw:
+        try:
+            label = int(raw["cls"])
+        except ValueError as e:
+            raise BadSample("bad_cls", raw["__key__"]) from e
+    if prompts is not None:
+        return _label_sample(raw, image, meta, label, prompts, rng, count)
     captions = [c for c in meta.get("captions") or [] if c] if caption == "random" else []
     if not captions and "txt" in raw:
         try:
@@ -196,12 +217,6 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
     texts = None
     if rng is not None:
         texts = [captions[i] for i in pick_captions(len(captions), caption, count, rng)]
-    label = meta.get("label")
-    if label is None and "cls" in raw:
-        try:
-            label = int(raw["cls"])
-        except ValueError as e:
-            raise BadSample("bad_cls", raw["__key__"]) from e
     return {
         "image": image,
         "captions": captions,
@@ -214,3 +229,16 @@ def parse_sample(raw: dict, require_text: bool, caption: str, rng: random.Random
         "kind": meta.get("kind", "label" if label is not None and not has_text else "caption"),
         "meta": meta,
     }
+
+
+def _label_sample(raw: dict, image: bytes, meta: dict, label, prompts: LabelPrompts, rng, count: int) -> dict:
+    if label is None:
+        raise BadSample("no_label", raw["__key__"])
+    if not 0 <= int(label) < len(prompts.classnames):
+        raise BadSample("label_out_of_range", f"{raw['__key__']}: {label} for the {len(prompts.classnames)} classes "
+                                              f"of {prompts.name}")
+    captions = prompts.texts(int(label))
+    texts = [captions[i] for i in pick_captions(len(captions), "random", count, rng)] if rng is not None else None
+    return {"image": image, "captions": captions, "text": texts[0] if texts else captions[0], "texts": texts,
+            "key": raw["__key__"], "uid": meta.get("uid", ""), "label": int(label),
+            "identity": int(meta.get("identity", -1)), "kind": "label", "meta": meta}

@@ -6,9 +6,10 @@ identical on every rank) and seen as one sequence of N samples. Rank r of W take
 sample is read exactly once per epoch, whatever the shard count: ranks differ by at most one sample, and
 workers never sit idle when there are fewer shards than workers x ranks (a shard may be read by several
 workers, each keeping its own part of it). This needs exact per-shard counts, which vlp's manifest gives
-(foreign local tars are counted from their headers). Shards of unknown size (``pipe:``, remote without a
-manifest) fall back to whole shards dealt round-robin to the W*K slots, with a warning when some slot gets
-none.
+(foreign local tars are counted from their headers; a damaged one counts the samples before its damage, is read up
+to there, and its damage is counted as skipped, once per epoch, by the slot that reads its last piece). Shards of
+unknown size (``pipe:``, remote without a manifest) fall back to whole shards dealt round-robin to the W*K slots,
+with a warning when some slot gets none.
 
 Resampled mode draws shards with replacement, forever, from a per-(rank, worker, epoch) seeded generator;
 ``samples_per_epoch`` then sets where an epoch ends. Several sources with weights are always resampled and
@@ -16,7 +17,8 @@ interleaved so that the realised proportions follow the weights at every prefix 
 then shuffled together by the buffer.
 
 Bad samples are skipped and counted per reason; each batch carries the counts its worker has accumulated
-since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``loader.skipped``).
+since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``loader.skipped``). A resumed worker
+drops the counts of the samples it skips over: the interrupted run's batches carried them.
 
 Batch augmentations (``color_jitter``, ``token_drop``, ``cutout``: vlp/data/augment.py) draw from a generator seeded by
 (seed, epoch, worker slot, sample position), so a resumed stream replays them too.
@@ -38,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlp.data.augment import augmenting, check_augment
 from vlp.data.batch import collate
 from vlp.data.lifetime import die_with_parent
-from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, parse_sample
+from vlp.data.preprocess import BadSample, ImageDecoder, ImageOptions, LabelPrompts, parse_sample
 from vlp.data.shards import Shard, expand, iter_raw_samples
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class Source:
     shards: str | list[str]
     weight: float = 1.0
     name: str | None = None
+    prompts: LabelPrompts | None = None  # label data: each sample's text is a prompt of its class, drawn per step
 
 
 @dataclass
@@ -83,11 +86,16 @@ def check_caption_options(caption: str, count: int, prefix: str = "") -> None:
 
 def describe_shards(spec: str | list[str], shards: list[Shard]) -> str:
     """A shard spec as it reads in a message: the spec itself while short (braces keep thousands of shards short),
-    else its first and last shard; with the shard count."""
+    else its first and last shard; with the shard count and the first damaged shard."""
     text = spec if isinstance(spec, str) else "::".join(spec)
     if len(text) > 160:
         text = f"{shards[0].url} ... {shards[-1].url}"
-    return f"{text} ({len(shards)} shard{'' if len(shards) == 1 else 's'})"
+    counts = f"{len(shards)} shard{'' if len(shards) == 1 else 's'}"
+    damaged = [s for s in shards if s.damage is not None]
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        counts += f"; damaged: {damaged[0].damage.describe(damaged[0].url, damaged[0].samples)}{more}"
+    return f"{text} ({counts})"
 
 
 def describe_skipped(skipped: Counter) -> str:
@@ -106,15 +114,19 @@ def split_range(n: int, part: int, parts: int) -> tuple[int, int]:
 
 
 def epoch_ranges(shards: list[Shard], slot: int, slots: int) -> list[tuple[Shard, int, int | None]]:
-    """(shard, start, stop) pieces of the global sample sequence that belong to ``slot`` of ``slots``."""
+    """(shard, start, stop) pieces of the global sample sequence that belong to ``slot`` of ``slots``.
+
+    A damaged shard's last piece (``stop == shard.samples``) is where its damage is counted, so one slot has it: an
+    empty piece if the shard has no readable sample, for the first slot whose range reaches the shard's place."""
     if all(s.samples is not None for s in shards):
         total = sum(s.samples for s in shards)
         lo, hi = split_range(total, slot, slots)
         pieces, offset = [], 0
         for shard in shards:
             a, b = max(lo, offset), min(hi, offset + shard.samples)
-            if a < b:
-                pieces.append((shard, a - offset, b - offset))
+            empty_damaged = shard.damage is not None and not shard.samples
+            if a < b or (empty_damaged and (lo < offset or slot == 0) and offset <= hi):
+                pieces.append((shard, 0, 0) if a >= b else (shard, a - offset, b - offset))
             offset += shard.samples
         return pieces
     return [(s, 0, None) for s in shards[slot::slots]]
@@ -176,13 +188,16 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return self.rank * workers + worker, self.world_size * workers, worker, workers
 
-    def _epoch_samples(self, on_error) -> Iterator[dict]:
+    def _epoch_samples(self, on_error, count: Callable[[str], None]) -> Iterator[dict]:
         shards = list(self.shards[0])
         if self.opts.shuffle_buffer:
             random.Random(self.opts.seed * 1_000_003 + self.epoch).shuffle(shards)
         slot, slots, _, _ = self._slot()
         for shard, start, stop in epoch_ranges(shards, slot, slots):
-            yield from iter_raw_samples(shard.url, start, stop, on_error)
+            if shard.damage is not None and stop == shard.samples:
+                count(shard.damage.reason)  # expand warned already: the reader stops before the damage
+            if start != stop:
+                yield from iter_raw_samples(shard.url, start, stop, on_error)
 
     def _resampled(self, shards: list[Shard], rng: random.Random, on_error) -> Iterator[dict]:
         misses = 0  # draws in a row that gave no sample: a source with no readable sample must fail, not spin
@@ -221,21 +236,27 @@ class ShardStream(IterableDataset):
             skipped[reason] += 1
             log.warning("%s: %s", reason, where)
 
+        def count(reason):
+            skipped[reason] += 1
+
         if opts.resampled or self.mixing:
             lo, hi = split_range(opts.samples_per_epoch, slot, slots)
             raw: Iterator = itertools.islice(self._mixed_samples(rng, on_error), hi - lo)
         else:
-            raw = ((0, s) for s in self._epoch_samples(on_error))
+            raw = ((0, s) for s in self._epoch_samples(on_error, count))
         if opts.shuffle_buffer:
             raw = shuffled(raw, opts.shuffle_buffer, rng)
         position = self.resume_from.get(slot, 0)
-        raw = itertools.islice(raw, position, None)
+        for _ in itertools.islice(raw, position):
+            pass
+        skipped.clear()  # what reading the skipped samples met, the interrupted run's batches counted
 
         batch: list[dict] = []
         for source, sample in raw:
             position += 1
             try:
-                parsed = self._decode(sample, random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}"))
+                parsed = self._decode(sample, random.Random(f"{opts.seed}/{self.epoch}/{slot}/{position}"),
+                                      self.sources[source].prompts)
             except BadSample as e:
                 skipped[e.reason] += 1
                 continue
@@ -249,8 +270,9 @@ class ShardStream(IterableDataset):
         # Always end with a marker: the Loader needs it to keep its batch order well defined (see Loader).
         yield {"skipped": dict(skipped), "worker": slot, "position": position, "end": True}
 
-    def _decode(self, sample: dict, rng: random.Random) -> dict:
-        parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng, self.opts.captions_per_sample)
+    def _decode(self, sample: dict, rng: random.Random, prompts: LabelPrompts | None = None) -> dict:
+        parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng, self.opts.captions_per_sample,
+                              prompts)
         parsed["image"] = self.decoder(parsed["image"], rng)
         return parsed
 

@@ -40,8 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="decode every JPEG pixel (open_clip's preprocessing) instead of DCT-scaled fast decoding")
     p.add_argument("--plot", action="store_true", help="also write summary.png")
     p.add_argument("--text-kind", default=None,
-                   help="for a model with a text prefix: the prefix texts are encoded with (default: its first kind, "
-                        "the caption prefix)")
+                   help="for a model with a text prefix: the prefix texts are encoded with (default: the suite's "
+                        "text_kind, else the model's first kind, the caption prefix)")
     p.set_defaults(func=run)
     return p
 
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, args.data_root)  # every input error surfaces here, before any model work
     if args.device == "cpu":
         torch.set_num_threads(args.threads or cpu_threads(args.workers))
-    model = load_model(args.model, args.model_name, args.device, text_kind=args.text_kind)
+    model = load_model(args.model, args.model_name, args.device, text_kind=args.text_kind or suite.text_kind)
     store = FeatureStore(model, FeatureOptions(
         load=LoadOptions(batch_size=args.batch_size, workers=args.workers, fast_decode=not args.exact_decode),
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir())))

@@ -61,6 +61,9 @@ class Suite:
     data_root: Path
     datasets: dict[str, EvalDataset]
     entries: list[Entry]
+    # the text prefix a model with one encodes texts with (its first kind, captions, when None); the CLI's
+    # --text-kind overrides it
+    text_kind: str | None = None
 
 
 def find_suite(name_or_path: str) -> Path:
@@ -129,7 +132,7 @@ def _read_yaml(path: Path) -> dict:
         raise SuiteError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
         raise SuiteError(f"{path}: expected a mapping with datasets and tasks")
-    unknown = sorted(set(data) - {"name", "data_root", "datasets", "tasks", "description"})
+    unknown = sorted(set(data) - {"name", "data_root", "datasets", "tasks", "description", "text_kind"})
     if unknown:
         raise SuiteError(f"{path}: unknown top-level key(s) {unknown}")
     return data
@@ -191,7 +194,10 @@ def load_suite(name_or_path: str, data_root: str | Path | None = None) -> Suite:
             entry.evaluator.check()
         except DatasetError as e:
             raise SuiteError(str(e)) from e
-    return Suite(str(data.get("name") or path.stem), path, root, datasets, entries)
+    text_kind = data.get("text_kind")
+    if text_kind is not None and not isinstance(text_kind, str):
+        raise SuiteError(f"{path}: text_kind: {text_kind!r} is not a text kind (caption, label, ...)")
+    return Suite(str(data.get("name") or path.stem), path, root, datasets, entries, text_kind)
 
 
 @dataclass
@@ -231,7 +237,8 @@ def run_suite_for_training(model, model_name: str, suite: str, out: Path, batch_
     from vlp.eval.report import unweighted_average, write_results
 
     loaded = load_suite(suite)
-    wrapped = OpenClipModel(model, model_name, {"model": model_name, "pretrained": "training"}, str(device))
+    wrapped = OpenClipModel(model, model_name, {"model": model_name, "pretrained": "training"}, str(device),
+                            text_kind=loaded.text_kind)
     store = FeatureStore(wrapped, FeatureOptions(load=LoadOptions(batch_size=batch_size, workers=0), progress=False))
     results = run_suite(loaded, store)
     write_results(loaded, results, wrapped.describe, Path(out))

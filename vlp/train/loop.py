@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from vlp import atomic
-from vlp.config import DataConfig, Experiment, to_yaml
+from vlp.config import DataConfig, Experiment, label_prompts, to_yaml
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.shards import check_complete
@@ -91,17 +91,16 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
         if reason:
             log.warning("data.train[%d].shards: an incomplete shard set: %s", i, reason)
     check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
+    sources = [Source(s.shards, s.weight, prompts=label_prompts(s.prompts, f"data.train[{i}].prompts")
+                      if s.prompts else None) for i, s in enumerate(cfg.train)]
     if cfg.in_memory:
-        if len(cfg.train) > 1 or cfg.resampled:
-            raise ValueError("data.in_memory holds one source read in epochs: not for several data.train sources "
-                             "or data.resampled")
+        if cfg.resampled:
+            raise ValueError("data.in_memory reads its sources in epochs: not with data.resampled")
         from vlp.data.memory import MemoryLoader
 
-        return MemoryLoader(cfg.train[0].shards, opts, tokenizer, dist.rank, dist.world_size,
-                            size_schedule=cfg.size_schedule)
+        return MemoryLoader(sources, opts, tokenizer, dist.rank, dist.world_size, size_schedule=cfg.size_schedule)
     if cfg.size_schedule:
         raise ValueError("data.size_schedule needs data.in_memory: true")
-    sources = [Source(s.shards, s.weight) for s in cfg.train]
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
