@@ -101,6 +101,27 @@ def test_existing_shard_set_is_not_overwritten(caption_input, tmp_path):
     write_shards(items(), out, WriterOptions(overwrite=True), progress=False)
 
 
+def test_the_same_command_finishes_a_set_whose_writer_stopped(caption_input, tmp_path):
+    """A killed writer leaves finished shards, a .partial and no manifest: the same command writes the set again
+    (it is deterministic) instead of refusing; a finished set is still never overwritten unasked."""
+    items = lambda: sources.caption_file(caption_input / "images", caption_input / "captions.txt")  # noqa: E731
+    options = WriterOptions(samples_per_shard=2)
+    write_shards(items(), tmp_path / "clean", options, progress=False)
+    out = tmp_path / "stopped"
+    write_shards(items(), out, options, progress=False)
+    (out / "manifest.json").unlink()
+    (out / "00003.tar").unlink()
+    (out / ".00003.tar.partial").write_bytes(b"half a shard")
+    assert check_complete(out) is not None
+    write_shards(items(), out, options, progress=False)
+    assert check_complete(out) is None
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "clean").iterdir())
+    for shard in sorted((tmp_path / "clean").glob("*.tar")):
+        assert (out / shard.name).read_bytes() == shard.read_bytes()
+    with pytest.raises(FileExistsError, match="--overwrite"):  # finished now: protected again
+        write_shards(items(), out, options, progress=False)
+
+
 def test_a_crash_mid_shard_leaves_no_shard_under_its_final_name(caption_input, tmp_path, monkeypatch):
     real = writer_module._encode_image
     calls = {"n": 0}

@@ -140,7 +140,7 @@ def _folder_incomplete(folder: Path) -> str | None:
     except ShardSpecError as e:
         return str(e)
     if manifest is None:
-        if _written_by_vlp(folder):
+        if written_by_vlp(folder):
             problems.append(f"no {MANIFEST} beside shards vlp wrote (it is saved after the last shard)")
     else:
         absent = [s["name"] for s in manifest.get("shards", []) if not (folder / s["name"]).exists()]
@@ -150,7 +150,7 @@ def _folder_incomplete(folder: Path) -> str | None:
     return "; ".join(problems) or None
 
 
-def _written_by_vlp(folder: Path) -> bool:
+def written_by_vlp(folder: Path) -> bool:
     # vlp's writer gives every member the owner "vlp"; one header of one shard tells.
     tars = sorted(folder.glob("*.tar"))
     if not tars:

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from vlp.atomic import write_text
 from vlp.data.lifetime import die_with_parent
-from vlp.data.shards import MANIFEST
+from vlp.data.shards import MANIFEST, written_by_vlp
 from vlp.data.sources import Item, Skip
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,19 @@ def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict
 
 
 def _check_output(out: Path, opts: WriterOptions) -> None:
+    """A finished shard set (with its manifest) is never overwritten unless asked. What a stopped writer left (vlp's
+    shards without a manifest) is written again from the start: the writer is deterministic, so the same command
+    finishes the set, and nothing finished is lost."""
     out.mkdir(parents=True, exist_ok=True)
     existing = sorted(out.glob("*.tar")) + ([out / MANIFEST] if (out / MANIFEST).exists() else [])
-    if existing and not opts.overwrite:
+    unfinished = bool(existing) and not (out / MANIFEST).exists() and written_by_vlp(out)
+    if existing and not opts.overwrite and not unfinished:
         raise FileExistsError(f"{out} already holds a shard set ({existing[0].name}, ...); "
                               "choose another folder or pass --overwrite")
-    for stale in list(out.glob(".*.partial")) + (existing if opts.overwrite else []):
+    if unfinished and not opts.overwrite:
+        log.warning("%s holds %d shards of a writer that stopped before its manifest: writing the set again",
+                    out, len(existing))
+    for stale in list(out.glob(".*.partial")) + (existing if opts.overwrite or unfinished else []):
         stale.unlink()
 
 
