@@ -4,7 +4,8 @@ open_clip decodes the full JPEG, crops and resizes with torchvision, converts ea
 and normalises it sample by sample. Here:
 - JPEGs are decoded with DCT scaling (PIL ``draft``) when the output is much smaller than the stored image:
   the decoder produces 1/2, 1/4 or 1/8 of the pixels directly, never fewer than the crop needs;
-- crop and resize are one PIL call (``resize(box=...)``), same geometry as torchvision's ``resized_crop``;
+- a training crop and its resize are one PIL call (``resize(box=...)``), same geometry as torchvision's
+  ``resized_crop``; the eval transform is open_clip's two steps (resize the whole image, then crop);
 - images stay uint8 until the batch is stacked, then are normalised once per batch;
 - captions are tokenised once per batch.
 Crop parameters come from a seeded ``random.Random`` (not torch's global RNG) so a stream is reproducible.
@@ -84,16 +85,29 @@ def random_resized_crop_box(width: int, height: int, scale, ratio, rng: random.R
     return left, top, left + w, top + h
 
 
-def center_crop_box(width: int, height: int):
-    """The square that 'resize shorter side, then center crop' keeps, in source coordinates."""
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return left, top, left + side, top + side
+def shortest_side_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) once the shorter side is ``size``: torchvision's ``Resize(size)``, the long side rounded down."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """The ``size`` square in the middle of a (width, height) image, with torchvision ``CenterCrop``'s rounding of the
+    offsets; (left, top, right, bottom)."""
+    left, top = round((width - size) / 2.0), round((height - size) / 2.0)
+    return left, top, left + size, top + size
 
 
 def decode_rgb(data: bytes, need: int | None) -> tuple[Image.Image, tuple[int, int]]:
     """(RGB image, stored (width, height)); with ``need``, JPEGs are decoded with DCT scaling (PIL ``draft``) to the
-    smallest scale whose sides stay >= ``need``. Undecodable bytes raise :class:`BadSample` ("image_decode")."""
+    smallest scale whose sides stay >= ``need``. Undecodable bytes raise :class:`BadSample` ("image_decode").
+
+    Conversion to RGB comes first, as in the loaders that feed open_clip's eval transform (torchvision's ImageFolder
+    loader and webdataset's "pil" decoder, both of CLIP_benchmark; open_clip's own "pilrgb"): palette, grey, RGBA
+    (alpha dropped), CMYK and 16-bit images are resampled as RGB (open_clip's transform converts only after its crop,
+    which matters only for an image handed to it unconverted). No EXIF orientation is applied: neither those loaders
+    nor open_clip's transform apply it, so an EXIF-rotated JPEG is seen as stored."""
     try:
         img = Image.open(io.BytesIO(data))
         stored = img.size
@@ -105,7 +119,14 @@ def decode_rgb(data: bytes, need: int | None) -> tuple[Image.Image, tuple[int, i
 
 
 class ImageDecoder:
-    """bytes -> uint8 tensor (3, size, size)."""
+    """bytes -> uint8 tensor (3, size, size).
+
+    The eval transform is open_clip's ``image_transform(size, is_train=False, resize_mode=...)`` step for step:
+    "shortest" resizes the whole image (bicubic) so that its shorter side is ``size``, then crops the centre square;
+    "squash" resizes it to (size, size). Without drafting the pixels are open_clip's, bit for bit
+    (tests/test_eval_pixels.py). A drafted JPEG goes through the same two steps from its smaller pixel grid, so that
+    its pixels differ from open_clip's only by what the DCT-scaled decode loses.
+    """
 
     def __init__(self, opts: ImageOptions):
         self.opts = opts
@@ -114,21 +135,31 @@ class ImageDecoder:
 
     def __call__(self, data: bytes, rng: random.Random) -> torch.Tensor:
         size = self.opts.size
-        # crop geometry is drawn on the stored size, whatever the decoder scale
+        # geometry comes from the stored size, whatever the decoder scale
         img, (width, height) = decode_rgb(data, math.ceil(size / self.min_crop) if self.opts.draft else None)
-        if self.opts.train:
-            box = random_resized_crop_box(width, height, self.opts.scale, self.opts.ratio, rng)
-        elif self.opts.resize_mode == "squash":
-            box = (0, 0, width, height)
-        else:
-            box = center_crop_box(width, height)
+        if not self.opts.train:
+            return _to_tensor(self._eval_resize(img, width, height))
+        box = random_resized_crop_box(width, height, self.opts.scale, self.opts.ratio, rng)
         if img.size != (width, height):  # drafted: the same box, on the smaller pixel grid
             sx, sy = img.width / width, img.height / height
             box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
         img = img.resize((size, size), Image.BICUBIC, box=box)
-        if self.opts.train and self.opts.hflip and rng.random() < 0.5:
+        if self.opts.hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        return _to_tensor(img)
+
+    def _eval_resize(self, img: Image.Image, width: int, height: int) -> Image.Image:
+        size = self.opts.size
+        if self.opts.resize_mode == "squash":
+            return img.resize((size, size), Image.BICUBIC)
+        # Two steps, not one resize of the centre square: the long side is rounded down to whole pixels before the
+        # crop, so its scale differs slightly from the short side's, and the crop starts on a whole resized pixel.
+        resized = shortest_side_size(width, height, size)
+        return img.resize(resized, Image.BICUBIC).crop(center_crop_box(*resized, size))
+
+
+def _to_tensor(img: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
 
 
 class Normalize:

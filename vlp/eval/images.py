@@ -5,10 +5,11 @@ Two kinds of source:
 - :class:`ShardImages`: WebDataset shards (CLIP_benchmark's layout, vlp shards), streamed by
   :class:`vlp.data.ShardStream`.
 
-Both decode with :class:`vlp.data.ImageDecoder` (resize shorter side + center crop, bicubic) and normalise per
-batch, so every format gives the same pixels for the same image. A record is a plain dict (JSON-serialisable,
-it goes into the feature cache) with at least ``key``, unique within the set; the set's canonical order is by key,
-whatever the number of workers.
+Both decode with :class:`vlp.data.ImageDecoder` (open_clip's eval transform: resize the shorter side, bicubic, then
+crop the centre; or squash) and normalise per batch with torchvision's arithmetic, so every format gives the same
+pixels for the same image, and with ``fast_decode=False`` open_clip's tensors bit for bit (tests/test_eval_pixels.py).
+A record is a plain dict (JSON-serialisable, it goes into the feature cache) with at least ``key``, unique within the
+set; the set's canonical order is by key, whatever the number of workers.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from typing import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import functional as TF
 
 from vlp.data import BadSample, ImageDecoder, ImageOptions, Loader, ShardStream, StreamOptions
-from vlp.data.preprocess import normalize_batch
 from vlp.data.shards import expand
 from vlp.eval.models import Preprocess
 
@@ -36,9 +37,19 @@ class LoadOptions:
     fast_decode: bool = True  # JPEG DCT scaling (vlp.data's draft decode); False decodes every pixel, as open_clip
 
 
+# Part of every image set's fingerprint, hence of the feature cache key: embeddings of other pixels are not reused.
+PIXELS = "open_clip eval transform: rgb, resize shorter side + centre crop or squash, to_tensor + normalize"
+
+
 def image_options(pre: Preprocess, fast_decode: bool) -> ImageOptions:
     return ImageOptions(size=pre.size, train=False, mean=pre.mean, std=pre.std, draft=fast_decode,
                         resize_mode=pre.resize_mode)
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32 as open_clip's ``ToTensor`` + ``Normalize`` compute it (divide by 255, subtract,
+    divide): vlp.data's one-multiply form differs from it by up to 2.4e-7."""
+    return TF.normalize(images.float().div(255), mean, std)
 
 
 class ImageSet(ABC):
@@ -103,7 +114,7 @@ class FileImages(ImageSet):
 
     def fingerprint(self) -> dict:
         return {"kind": "files", "name": self.name, "files": _stat_digest(self.paths), "count": len(self.paths),
-                "digest": self.digest, "records": _records_digest(self.records), **self.extra}
+                "digest": self.digest, "records": _records_digest(self.records), "pixels": PIXELS, **self.extra}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,7 +124,7 @@ class FileImages(ImageSet):
 
         def collate(items):
             index = [i for i, _, _ in items]
-            images = normalize_batch(torch.stack([img for _, img, _ in items]), image_opts.mean, image_opts.std)
+            images = normalize(torch.stack([img for _, img, _ in items]), image_opts.mean, image_opts.std)
             records = []
             for i, _, digest in items:
                 record = dict(self.records[i])
@@ -146,19 +157,21 @@ class ShardImages(ImageSet):
         self.extra = extra or {}
 
     def fingerprint(self) -> dict:
-        return {"kind": "shards", "name": self.name, "files": _stat_digest([s.url for s in self.shards]), **self.extra}
+        return {"kind": "shards", "name": self.name, "files": _stat_digest([s.url for s in self.shards]),
+                "pixels": PIXELS, **self.extra}
 
     def __len__(self) -> int:
         counts = [s.samples for s in self.shards]
         return sum(counts) if None not in counts else 0
 
     def batches(self, pre: Preprocess, opts: LoadOptions):
-        stream = ShardStream(self.spec, StreamOptions(batch_size=opts.batch_size, shuffle_buffer=0,
-                                                      require_text=False, image=image_options(pre, opts.fast_decode)),
-                             rank=0, world_size=1)
+        image_opts = image_options(pre, opts.fast_decode)
+        stream = ShardStream(self.spec, StreamOptions(batch_size=opts.batch_size, shuffle_buffer=0, require_text=False,
+                                                      image=image_opts, normalize=False), rank=0, world_size=1)
         loader = Loader(stream, workers=opts.workers)
         for batch in loader:
-            yield batch["image"], [self.to_record(batch, i) for i in range(len(batch["key"]))]
+            images = normalize(batch["image"], image_opts.mean, image_opts.std)
+            yield images, [self.to_record(batch, i) for i in range(len(batch["key"]))]
         self._skipped = dict(loader.skipped)
 
     def skipped(self) -> dict:
