@@ -234,7 +234,8 @@ def summary() -> None:
             continue
         per = [rows["c", s][key] - rows["b", s][key] for s in SEEDS]
         spread = [max(rows[v, s][key] for s in SEEDS) - min(rows[v, s][key] for s in SEEDS) for v in ("b", "c")]
-        lines.append(f"- {header}: {100 * statistics.fmean(per):+.1f} points ({' / '.join(f'{100 * x:+.1f}' for x in per)}); "
+        each = " / ".join(f"{100 * x:+.1f}" for x in per)
+        lines.append(f"- {header}: {100 * statistics.fmean(per):+.1f} points ({each}); "
                      f"seed-to-seed spread (max - min) b {100 * spread[0]:.1f}, c {100 * spread[1]:.1f}")
     text = "\n".join(lines)
     tag = "-".join(VARIANTS) + "-seeds" + "".join(map(str, SEEDS))
