@@ -146,10 +146,10 @@ class TrainConfig:
     local_loss: bool = False
     threads: Optional[int] = None  # torch threads of each process on CPU; None keeps torch's default
     ema: Optional[float] = None  # decay per step of an average of the weights (e.g. 0.995); see vlp/train/ema.py
-    # seconds a process may take to stop cleanly after SIGTERM (finish the step, write a checkpoint) before it exits
-    # without one: a rank waiting on a peer that is gone never gets there. Below torchrun's --shutdown-timeout
-    # (30 s by default), after which torchrun kills it.
-    stop_grace: float = 25.0
+    # seconds a process may take after SIGTERM to finish its step, and again to write its checkpoint, before it
+    # exits without one: a rank waiting on a peer that is gone never gets there. Well below torchrun's
+    # --shutdown-timeout (30 s by default), after which torchrun kills it.
+    stop_grace: float = 10.0
 
 
 @dataclass

@@ -416,8 +416,14 @@ class Trainer:
         if self._sigterm:  # asked twice: no more waiting
             self._exit_unclean("a second SIGTERM")
         self._sigterm = True  # the ranks agree on it through the next read-back
+        self._arm_watchdog("after SIGTERM")
+
+    def _arm_watchdog(self, since: str) -> None:
+        """(Re)start the countdown to an unclean exit: ``train.stop_grace`` seconds from now."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         grace = self.exp.train.stop_grace
-        self._watchdog = threading.Timer(grace, self._exit_unclean, (f"no clean stop {grace:g} s after SIGTERM",))
+        self._watchdog = threading.Timer(grace, self._exit_unclean, (f"no clean stop {grace:g} s {since}",))
         self._watchdog.daemon = True
         self._watchdog.start()
 
@@ -429,6 +435,8 @@ class Trainer:
 
     # -- checkpoints and evaluation ------------------------------------------------------------------------
     def save(self) -> None:
+        if self._watchdog is not None:  # stopping, and this rank got this far: the write gets a grace of its own
+            self._arm_watchdog("into writing the checkpoint")
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_state = get_model_state_dict(self.raw_model, options=options)
         optim_state = get_optimizer_state_dict(self.raw_model, self.optimizer, options=options)
