@@ -54,11 +54,11 @@ class ShardSpecError(ValueError):
     pass
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url or url.startswith("file://")
 
 
-def _local_path(url: str) -> str:
+def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
@@ -85,13 +85,13 @@ def expand_urls(spec: str | list[str]) -> list[str]:
             urls.extend(_builtin_urls(one))
             continue
         for url in braceexpand.braceexpand(one):
-            if _is_local(url) and not url.startswith("file://") and any(c in url for c in "*?["):
+            if is_local(url) and not url.startswith("file://") and any(c in url for c in "*?["):
                 matches = sorted(glob.glob(url))
                 if not matches:
                     raise ShardSpecError(f"shard spec {one!r}: the pattern {url!r} matches no file")
                 urls.extend(matches)
-            elif _is_local(url) and os.path.isdir(_local_path(url)):
-                found = sorted(str(p) for p in Path(_local_path(url)).glob("*.tar"))
+            elif is_local(url) and os.path.isdir(local_path(url)):
+                found = sorted(str(p) for p in Path(local_path(url)).glob("*.tar"))
                 if not found:
                     raise ShardSpecError(f"shard spec {one!r}: the folder {url!r} holds no .tar file")
                 urls.extend(found)
@@ -99,7 +99,7 @@ def expand_urls(spec: str | list[str]) -> list[str]:
                 urls.append(url)
     if not urls:
         raise ShardSpecError(f"shard spec {spec!r} expands to no shard")
-    missing = [u for u in urls if _is_local(u) and not os.path.exists(_local_path(u))]
+    missing = [u for u in urls if is_local(u) and not os.path.exists(local_path(u))]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ShardSpecError(f"shard spec {spec!r}: {missing[0]!r} does not exist{more}")
@@ -124,7 +124,7 @@ def check_complete(spec: str | list[str] | Path) -> str | None:
     tools (no manifest, shards not owned by ``vlp``) pass; remote shards are not checked.
     """
     urls = expand_urls(str(spec) if isinstance(spec, Path) else spec)
-    folders = sorted({os.path.dirname(os.path.abspath(_local_path(u))) for u in urls if _is_local(u)})
+    folders = sorted({os.path.dirname(os.path.abspath(local_path(u))) for u in urls if is_local(u)})
     reasons = [f"{folder}: {reason}" for folder in folders if (reason := _folder_incomplete(Path(folder)))]
     return "; ".join(reasons) or None
 
@@ -192,8 +192,8 @@ def expand(spec: str | list[str], count: bool = True) -> list[Shard]:
     shards = []
     for url in urls:
         samples = None
-        if _is_local(url):
-            path = _local_path(url)
+        if is_local(url):
+            path = local_path(url)
             directory = os.path.dirname(os.path.abspath(path))
             if directory not in manifests:
                 manifest = read_manifest(directory) or {"shards": []}
@@ -216,8 +216,8 @@ def open_url(url: str):
         from webdataset.gopen import gopen
 
         return gopen(url, "rb")
-    if _is_local(url):
-        return open(_local_path(url), "rb")
+    if is_local(url):
+        return open(local_path(url), "rb")
     import fsspec
 
     return fsspec.open(url, "rb").open()
@@ -304,8 +304,8 @@ def iter_raw_samples(
     """
     report = on_error or (lambda reason, where: None)
     try:
-        stream = None if _is_local(url) else _CountingReader(open_url(url))
-        tf = _Tar.open(_local_path(url), "r:") if stream is None else _Tar.open(fileobj=stream, mode="r|*")
+        stream = None if is_local(url) else _CountingReader(open_url(url))
+        tf = _Tar.open(local_path(url), "r:") if stream is None else _Tar.open(fileobj=stream, mode="r|*")
     except (OSError, tarfile.TarError, EOFError) as e:
         report("unreadable_shard", f"{url}: {e}")
         return
@@ -327,7 +327,7 @@ def iter_raw_samples(
                     if len(current[ext]) != member.size:
                         raise EOFError(f"member {member.name} is cut short")
             if current is not None and index >= start:
-                damage = _end_damage(tf, os.path.getsize(_local_path(url)) if stream is None else stream.drain())
+                damage = _end_damage(tf, os.path.getsize(local_path(url)) if stream is None else stream.drain())
                 if damage is not None:
                     report(damage.reason, f"{url} {_after(index)}: {damage.detail}")
                     return

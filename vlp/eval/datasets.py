@@ -10,18 +10,24 @@
 
 Every reader's ``check()`` validates what can be validated without a model (paths, class names against labels,
 templates) and raises :class:`DatasetError` naming the file; the suite calls it for every dataset before any
-model is built.
+model is built. Nothing is dropped silently: a folder with no readable image is an error, and files a reader does not
+take (by extension) or samples a shard writer skipped are counted in :meth:`EvalDataset.dropped`, which every result
+file records.
 """
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from vlp.data.shards import ShardSpecError, expand
-from vlp.data.sources import Item, caption_file, identity_folders, labelled_folder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from vlp.data.shards import ShardSpecError, is_local, local_path, expand, read_manifest
+from vlp.data.sources import Item, caption_file
 from vlp.eval import prompts, wds_layout
 from vlp.eval.images import FileImages, ImageSet, ShardImages, merge_by_image
 from vlp.registry import Registry
@@ -29,8 +35,26 @@ from vlp.registry import Registry
 FORMATS: Registry[type["EvalDataset"]] = Registry("dataset format", attribute="format")
 register_format = FORMATS.register
 
+# What torchvision's ImageFolder reads, plus GIF (PIL decodes its first frame): a folder that torchvision or
+# CLIP_benchmark evaluates whole is evaluated whole here.
+IMAGE_SUFFIXES = tuple(sorted(set(IMG_EXTENSIONS) | {".gif"}))
+
+
 class DatasetError(ValueError):
     pass
+
+
+def scan_folder(folder: Path) -> tuple[list[Path], Counter]:
+    """(image files of a folder in sorted order, count of the other files per suffix)."""
+    images, other = [], Counter()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append(path)
+        else:
+            other[path.suffix.lower() or "(no suffix)"] += 1
+    return images, other
 
 
 class EvalDataset(ABC):
@@ -43,6 +67,8 @@ class EvalDataset(ABC):
         self.classnames: list[str] | None = None
         self.templates: list[str] | None = None
         self.prompt_sources: dict[str, str] = {}
+        self.unsupported: dict[str, dict[str, int]] = {}  # folder -> {suffix: files not read}
+        self.skipped_when_written: dict[str, int] = {}  # reason -> samples the shard writer left out
 
     @abstractmethod
     def check(self) -> None: ...
@@ -54,6 +80,33 @@ class EvalDataset(ABC):
         options = {k: v for k, v in vars(self.options).items()
                    if v is not None and k not in ("classnames", "templates")}
         return {"name": self.name, "format": self.format, "kind": self.kind, **options}
+
+    def dropped(self) -> dict:
+        """What the source holds that is not evaluated: files of a type no reader takes, per folder and suffix,
+        and samples skipped when the shards were written, per reason."""
+        return {"unsupported_files": self.unsupported, "skipped_when_written": self.skipped_when_written}
+
+    def _grouped_images(self, root: Path, group: str) -> list[tuple[int, str, Path]]:
+        """(index of the group folder in sorted order, its name, image path) of ``<root>/<group>/<image>``; every
+        group folder must hold an image (torchvision's ImageFolder refuses an empty class as well)."""
+        self._exists(root, "image folder")
+        names = sorted(p.name for p in root.iterdir() if p.is_dir())
+        if not names:
+            raise self._fail(f"{root} holds no {group} folder (<root>/<{group}>/<image> expected)")
+        found, other = [], Counter()
+        for index, name in enumerate(names):
+            images, ignored = scan_folder(root / name)
+            if not images:
+                if not ignored:
+                    raise self._fail(f"{group} folder {root / name} is empty")
+                listed = ", ".join(f"{suffix} {n}" for suffix, n in sorted(ignored.items()))
+                raise self._fail(f"{group} folder {root / name} holds no file of a supported type ({listed}; "
+                                 f"supported: {' '.join(IMAGE_SUFFIXES)})")
+            other.update(ignored)
+            found.extend((index, name, path) for path in images)
+        if other:
+            self.unsupported[str(root)] = dict(sorted(other.items()))
+        return found
 
     # -- shared checks ---------------------------------------------------------------------------------
     def _fail(self, message: str) -> DatasetError:
@@ -167,6 +220,7 @@ class FolderDataset(EvalDataset):
     def check(self) -> None:
         root = self._root(self.options.split)
         classes = self._classes(root)
+        self._grouped_images(root, "class")
         self._prompts((classes, f"the folder names in {root}"), None)
         source = self.prompt_sources["classnames"]
         if len(self.classnames) != len(classes):
@@ -181,13 +235,12 @@ class FolderDataset(EvalDataset):
         if self._classes(root) != self._classes(self._root(self.options.split)):
             raise self._fail(f"{root} and {self._root(self.options.split)} have different class folders")
         paths, records, taken = [], [], {}
-        for item in labelled_folder(root, source=self.name):
-            label = item.meta["label"]
+        for label, name, path in self._grouped_images(root, "class"):
             if self.options.max_per_class is not None and taken.get(label, 0) >= self.options.max_per_class:
                 continue
             taken[label] = taken.get(label, 0) + 1
-            paths.append(item.image)
-            records.append({"key": item.meta["image"], "label": label})
+            paths.append(str(path))
+            records.append({"key": f"{name}/{path.name}", "label": label})
         return FileImages(f"{self.name}/{split or self.options.split or ''}", paths, records,
                           extra={"max_per_class": self.options.max_per_class})
 
@@ -208,17 +261,29 @@ class CaptionDataset(EvalDataset):
         self._exists(self.base / self.options.captions, "caption file")
         if self.options.split_file:
             self._exists(self.base / self.options.split_file, "split file")
+        self._items()
+
+    def _items(self) -> list[Item]:
+        """Every image of the split with its captions; a bad line or an image that is not there is an error naming
+        the caption file and line."""
+        o = self.options
+        items = []
+        for item in caption_file(self.base / o.images, self.base / o.captions,
+                                 self.base / o.split_file if o.split_file else None, source=self.name,
+                                 per_caption=False):
+            if not isinstance(item, Item):
+                raise self._fail(f"{item.where}: {item.reason}")
+            if not Path(item.image).is_file():
+                raise self._fail(f"{item.where}: image {item.meta['image']} is not in {self.base / o.images}")
+            items.append(item)
+        return items
 
     def image_set(self, split: str | None = None) -> ImageSet:
         if split is not None:
             raise self._fail("a caption-file dataset has one split (its split_file)")
         o = self.options
-        items = caption_file(self.base / o.images, self.base / o.captions,
-                             self.base / o.split_file if o.split_file else None, source=self.name, per_caption=False)
         paths, records = [], []
-        for item in items:
-            if not isinstance(item, Item):
-                raise self._fail(f"{item.where}: {item.reason}")
+        for item in self._items():
             if o.limit is not None and len(paths) >= o.limit:
                 break
             paths.append(item.image)
@@ -247,8 +312,14 @@ class ShardDataset(EvalDataset):
             raise self._fail(f"kind must be retrieval or classification, got {self.kind!r}")
         try:
             shards = expand(self._spec())
+            folders = sorted({os.path.dirname(local_path(s.url)) for s in shards if is_local(s.url)})
+            manifests = [read_manifest(folder) for folder in folders]
         except ShardSpecError as e:
             raise self._fail(str(e)) from e
+        skipped = Counter()
+        for manifest in manifests:
+            skipped.update((manifest or {}).get("skipped") or {})
+        self.skipped_when_written = dict(sorted(skipped.items()))
         if self.kind == "classification":
             self._prompts(None, None)
             labels = [label for s in shards for label in wds_layout.scan_labels(Path(s.url))]
@@ -281,12 +352,10 @@ class IdentityDataset(EvalDataset):
         camera: str | None = r"^(\d+)_"  # regex on the file name; group 1 is the camera (None: unknown)
         captions: str | None = None  # "<person>/<file>,<caption>" lines: text queries
 
-    def _listing(self, part: str) -> list[Item]:
+    def _listing(self, part: str) -> list[tuple[str, Path]]:
+        """(person, image path) of every image of a part."""
         root = self._exists(self.base / self.options.path / part, f"{part} folder")
-        try:
-            return [x for x in identity_folders(root, source=self.name) if isinstance(x, Item)]
-        except ValueError as e:
-            raise self._fail(str(e)) from e
+        return [(person, path) for _, person, path in self._grouped_images(root, "person")]
 
     def _camera(self, filename: str) -> str | None:
         if self.options.camera is None:
@@ -298,8 +367,8 @@ class IdentityDataset(EvalDataset):
 
     def check(self) -> None:
         for part in (self.options.query, self.options.gallery):
-            for item in self._listing(part):
-                self._camera(Path(item.image).name)
+            for _, path in self._listing(part):
+                self._camera(path.name)
         if self.options.captions:
             self.text_queries()
 
@@ -325,9 +394,8 @@ class IdentityDataset(EvalDataset):
         if part is None:
             raise self._fail(f"an identity dataset has the parts query and gallery, not {split!r}")
         paths, records = [], []
-        for item in self._listing(part):
-            paths.append(item.image)
-            records.append({"key": item.meta["image"], "identity": item.meta["person"],
-                            "camera": self._camera(Path(item.image).name)})
+        for person, path in self._listing(part):
+            paths.append(str(path))
+            records.append({"key": f"{person}/{path.name}", "identity": person, "camera": self._camera(path.name)})
         return FileImages(f"{self.name}/{part}", paths, records, digest=True,
                           extra={"camera": self.options.camera})

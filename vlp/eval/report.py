@@ -53,8 +53,32 @@ def _markdown(suite: Suite, results: list[Result], model: dict, average: float, 
         lines.append(f"| {r.entry.dataset.name} | {r.entry.evaluator.task} | {r.main_metric} | "
                      f"{_number(r.metrics[r.main_metric])} | {r.entry.evaluator.protocol() or 'standard'} |")
     lines.append(f"| **average** | unweighted over {len(results)} entries | | {_number(average)} | |")
+    notes = _dropped_notes(results)
+    if notes:
+        lines += ["", "Not evaluated:", *notes]
     atomic.write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _dropped_notes(results: list[Result]) -> list[str]:
+    """One line per dataset that holds files or samples the figures leave out, so a reader sees it beside them."""
+    lines, seen = [], set()
+    for r in results:
+        dataset = r.entry.dataset
+        if dataset.name in seen:
+            continue
+        seen.add(dataset.name)
+        dropped = dataset.dropped()
+        for folder, suffixes in dropped["unsupported_files"].items():
+            listed = ", ".join(f"{suffix} {n}" for suffix, n in suffixes.items())
+            lines.append(f"- {dataset.name}: {sum(suffixes.values())} files of an unsupported type in {folder} "
+                         f"({listed})")
+        skipped = dropped["skipped_when_written"]
+        if skipped:
+            listed = ", ".join(f"{reason} {n}" for reason, n in skipped.items())
+            lines.append(f"- {dataset.name}: {sum(skipped.values())} samples skipped when the shards were written "
+                         f"({listed})")
+    return lines
 
 
 def _csv(results: list[Result], average: float, path: Path) -> Path:

@@ -213,7 +213,8 @@ class Result:
                 "pretrained": model.get("pretrained"), "text_kind": model.get("text_kind"), "metrics": self.metrics,
                 "main_metric": self.main_metric,
                 "protocol": e.evaluator.protocol(), "options": e.options, "data": e.dataset.describe(),
-                "prompts": e.dataset.prompt_sources or None, "seconds": round(self.seconds, 3), "language": "en"}
+                "prompts": e.dataset.prompt_sources or None, "counts": e.evaluator.counts,
+                "dropped": e.dataset.dropped(), "seconds": round(self.seconds, 3), "language": "en"}
 
 
 def run_suite(suite: Suite, store: FeatureStore) -> list[Result]:

@@ -46,6 +46,8 @@ class ZeroShotClassification(Evaluator):
         labels = labels_of(images.records, len(self.dataset.classnames), self.where)
         # CLIP's logit scale of 100 does not change any rank; kept so the logits equal CLIP_benchmark's.
         logits = 100.0 * F.normalize(images.features, dim=-1) @ classifier.T
+        self.counts = {"images": len(labels), "texts": len(self.dataset.classnames) * len(self.dataset.templates),
+                       "classes": len(self.dataset.classnames)}
         return {**classification_metrics(logits, labels), "images": len(labels)}
 
     def main_metric(self, metrics: dict[str, float]) -> str:

@@ -123,6 +123,7 @@ class LinearProbe(Evaluator):
         final_idx = fit_idx if o.fewshot_k is not None else sorted(fit_idx + val_idx)
         probe = fit(x[final_idx], y_np[final_idx], best_wd, o.max_iter)
         metrics = classification_metrics(scores(probe, x_test, classes), y_test)
+        self.counts = {"images": len(y_test), "train_images": len(final_idx), "classes": classes}
         return {**metrics, "weight_decay": best_wd, "val_acc1": best_acc, "train_images": len(final_idx),
                 "test_images": len(y_test)}
 

@@ -81,13 +81,16 @@ class PersonRetrieval(Evaluator):
         g = F.normalize(gallery.features, dim=-1)
         metrics: dict[str, float] = {"gallery": len(gallery.records)}
         ks = tuple(self.options.ranks)
+        self.counts = {"images": len(gallery.records), "texts": 0, "identities": len(ids)}
         if self.options.image:
             query = store.images(self.dataset.image_set("query"))
+            self.counts["images"] += len(query.records)
             sim = F.normalize(query.features, dim=-1) @ g.T
             found = person_retrieval_metrics(sim, identity_tensor(query.column("identity")), gallery_ids,
                                              ignore_mask(query, gallery, self.options.gallery_rule), ks)
             metrics.update({f"image_to_image_{k}": v for k, v in found.items()})
         text_queries = self.dataset.text_queries() if self.options.text else []
+        self.counts["texts"] = len(text_queries)
         if text_queries:
             t = F.normalize(store.texts([c for _, c in text_queries], desc="query captions"), dim=-1)
             found = person_retrieval_metrics(t @ g.T, identity_tensor([p for p, _ in text_queries]), gallery_ids,

@@ -35,6 +35,7 @@ class ZeroShotRetrieval(Evaluator):
         if not texts:
             raise DatasetError(f"{self.where}: dataset {self.dataset.name!r} has no captions")
         text_features = store.texts(texts, desc="captions")
+        self.counts = {"images": len(images.records), "texts": len(texts)}
         metrics = retrieval_metrics(text_features, images.features, torch.tensor(owner), tuple(self.options.recall_k))
         return {**metrics, "images": len(images.records), "texts": len(texts)}
 
