@@ -77,7 +77,8 @@ def test_split_file_and_per_image_mode(caption_input, tmp_path):
     (tmp_path / "split.txt").write_text("img0.jpg\nimg3.jpg\n")
     items = list(sources.caption_file(caption_input / "images", caption_input / "captions.txt",
                                       tmp_path / "split.txt", per_caption=False))
-    assert [(i.key, i.text) for i in items if isinstance(i, sources.Item)] == [("img0", "A dog, a ball, and a park."), ("img3", "a fish")]
+    kept = [(i.key, i.text) for i in items if isinstance(i, sources.Item)]
+    assert kept == [("img0", "A dog, a ball, and a park."), ("img3", "a fish")]
 
 
 def test_shards_are_reproducible_and_parallel_writing_matches(caption_input, tmp_path):

@@ -170,7 +170,8 @@ def write_shards(inputs: Iterable[Item | Skip], out: str | Path, opts: WriterOpt
     keys = Counter(item.key for item in items)
     duplicated = [k for k, n in keys.items() if n > 1]
     if duplicated:
-        raise ValueError(f"sample keys must be unique within a shard set; {len(duplicated)} repeat, e.g. {duplicated[0]!r}")
+        raise ValueError(f"sample keys must be unique within a shard set; {len(duplicated)} repeat, "
+                         f"e.g. {duplicated[0]!r}")
     _check_output(out, opts)
 
     n = opts.samples_per_shard
