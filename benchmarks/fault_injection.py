@@ -115,6 +115,13 @@ class Command:
         self.seen.update(now)
         return now
 
+    def wait_until(self, ready, poll: float) -> bool:
+        """Polls ``ready()`` (recording the process tree meanwhile) until it holds (True) or the process ends."""
+        while self.proc.poll() is None and not ready():
+            self.record()
+            time.sleep(poll)
+        return self.proc.poll() is None
+
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
@@ -295,10 +302,7 @@ def sigterm_training(run_dir: Path, reference: Path, logs: Path, tag: str, after
     c = Command(train_args(run_dir), logs / f"{tag}.log")
     trial: dict = {"after_step": after_step}
     try:
-        while c.proc.poll() is None and last_step(run_dir) < after_step:
-            c.record()
-            time.sleep(0.02)
-        if c.proc.poll() is not None:
+        if not c.wait_until(lambda: last_step(run_dir) >= after_step, 0.02):
             trial.update(signalled=False, why=f"the run ended first (rc {c.proc.returncode})")
             c.wait()
             return trial
@@ -382,10 +386,7 @@ def kill_shards(images: Path, captions: Path, work: Path, logs: Path, tag: str, 
     c = Command(shard_args(images, captions, out, per_shard), logs / f"{tag}.log")
     trial: dict = {"after_shards": after}
     try:
-        while c.proc.poll() is None and (not out.exists() or len(list(out.glob("*.tar"))) < after):
-            c.record()
-            time.sleep(0.002)
-        if c.proc.poll() is not None:
+        if not c.wait_until(lambda: out.exists() and len(list(out.glob("*.tar"))) >= after, 0.002):
             trial.update(killed=False, why=f"the writer ended first (rc {c.proc.returncode})")
             c.wait()
             return trial
