@@ -161,3 +161,13 @@ def test_errors_a_user_can_act_on_are_one_line_naming_the_key_or_file(tmp_path):
     code, err = vlp_train("--set", "train.max_steps=2")
     assert code == 2 and "Traceback" not in "\n".join(err) and "unpickled" not in "\n".join(err)
     assert err[-1].startswith(f"vlp train: error: {latest / 'training.pt'}: refused")
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_an_error_naming_it(tmp_path):
+    from vlp.train.checkpoint import CheckpointError
+
+    Trainer(experiment_from_dict(config(train={"max_steps": 1})), tmp_path).train()
+    other = experiment_from_dict(config(model={"name": "vlp-tiny-64"}, train={"max_steps": 2}))
+    with pytest.raises(CheckpointError, match=r"step-0000001: does not fit this run's model and optimizer .*"
+                                              r"model.pretrained: .*step-0000001/model.safetensors"):
+        Trainer(other, tmp_path)

@@ -474,8 +474,15 @@ class Trainer:
             self.ema.load_state_dict(model_state, int(state["ema_updates"]))
             model_state = online
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(self.raw_model, model_state, options=options)
-        set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=options)
+        try:
+            set_model_state_dict(self.raw_model, model_state, options=options)
+            set_optimizer_state_dict(self.raw_model, self.optimizer, state["optimizer"], options=options)
+        except (RuntimeError, KeyError) as e:
+            raise checkpoint.CheckpointError(
+                f"{path}: does not fit this run's model and optimizer ({str(e).strip().splitlines()[0]}); a "
+                "checkpoint of another model, or of a vlp before model parts (parameters named visual.* instead of "
+                "clip.visual.*), cannot resume this run: start it anew (train.resume: never), with "
+                f"model.pretrained: {path / checkpoint.MODEL} to keep its weights") from None
         self.scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         data_states = json.loads(state["data"])
