@@ -65,7 +65,7 @@ def wait_gone(procs: dict[int, int], within: float = GONE_WITHIN_S) -> tuple[lis
 
 
 class Command:
-    """One ``vlp`` command in its own session, its output in a file."""
+    """One ``vlp`` command in a process group of its own, its output in a file."""
 
     def __init__(self, args: list[str], log: Path):
         self.args, self.log = args, log
@@ -104,7 +104,7 @@ class Command:
         return children
 
     def cleanup(self) -> None:
-        """Ends whatever of this command's session is left, so one failed check cannot spoil the next case."""
+        """Ends whatever of this command's process group is left, so one failed check cannot spoil the next case."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_eval_analytic import CaptionModel, ClassModel, PersonModel, colour_png  # noqa: E402
 
 from vlp.data import WriterOptions, write_shards
 from vlp.data.sources import caption_file
@@ -15,8 +16,6 @@ from vlp.eval.features import FeatureOptions, FeatureStore
 from vlp.eval.images import LoadOptions
 from vlp.eval.report import write_results
 from vlp.eval.suite import SuiteError, load_suite, run_suite
-
-from test_eval_analytic import CaptionModel, ClassModel, PersonModel, colour_png  # noqa: E402
 
 ZERO_SHOT = [{"dataset": "d", "task": "zeroshot_classification"}]
 RETRIEVAL = [{"dataset": "d", "task": "zeroshot_retrieval", "options": {"recall_k": [1]}}]
@@ -150,3 +149,13 @@ def test_samples_skipped_when_shards_were_written_are_recorded(tmp_path):
     assert result["counts"] == {"images": 4, "texts": 8}
     assert result["dropped"]["skipped_when_written"] == {"no_comma": 1}
     assert "d: 1 samples skipped when the shards were written (no_comma 1)" in summary
+
+
+def test_image_extensions_are_torchvisions_and_gif():
+    """The writer and the evaluators read the files torchvision's ImageFolder reads (and GIF): one list, restated
+    in vlp.data.sources so that a shard writer needs no torchvision import."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    from vlp.data.sources import IMAGE_EXTENSIONS
+
+    assert set(IMAGE_EXTENSIONS) == set(IMG_EXTENSIONS) | {".gif"}

@@ -309,12 +309,12 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"train.ema: {t.ema} is not a decay in (0, 1) (e.g. 0.995), or null for none")
     if not exp.objectives:
         raise ConfigError("objectives: no objective given")
-    # the components' checks; imported here so that reading a config needs no torch
+    # the components' own checks, imported here: vlp.config itself stays free of torch (load_model_config, the CLI)
     from vlp.data.augment import check_augment
     from vlp.data.memory import check_size_schedule
     from vlp.data.stream import check_caption_options
     from vlp.models import model_image_size
-    from vlp.models.parts import PARTS, check_options
+    from vlp.models.parts import check_part
     from vlp.objectives import build_objective
 
     d = exp.data
@@ -332,11 +332,7 @@ def validate(exp: Experiment) -> None:
         if source.prompts is not None:
             label_prompts(source.prompts, f"data.train[{i}].prompts")
     for name, options in exp.model.parts.items():
-        key = f"model.parts.{name}"
-        if not isinstance(options, dict):
-            raise ConfigError(f"{key}: expected a mapping with a type, got {options!r}")
-        options = dict(options)
-        check_options(PARTS.get(options.pop("type", None), f"{key}.type"), options, key, skip=("spec", "name"))
+        check_part(name, options)
     for i, o in enumerate(exp.objectives):
         build_objective(o.name, o.options, key=f"objectives[{i}]")
 

@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 from vlp import resources
-# builtin_shards is re-exported for code that still turns builtin: specs into folders itself; new code passes
-# the spec to vlp.data.shards.expand (or any loader), which resolves it.
-from vlp.data.builtin import builtin_data, builtin_shards  # noqa: F401
+from vlp.data.builtin import builtin_data
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> int:

@@ -1,10 +1,12 @@
 """Name -> class registries for what config and suite files choose by name (objectives, model parts, evaluators).
 
 A registry is filled by a decorator next to the class it registers (timm's ``@register_model`` habit), and its
-lookup error lists the known names under the config key that asked.
+lookup error lists the known names under the config key that asked; :func:`check_options` checks the options a
+config gives a registered class against its constructor.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -44,3 +46,15 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def check_options(cls: type, options: dict, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Raise a ValueError naming ``key`` if ``cls`` takes no such options (or lacks a required one)."""
+    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and n not in skip}
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(params)) or 'none'})")
+    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options
+               and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    if missing:
+        raise ValueError(f"{key}.{missing[0]}: required option is missing")

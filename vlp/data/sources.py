@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 INTEGER_FIELDS = {"label", "identity"}
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS, restated: importing torchvision
+# costs every shard-writing process a second; tests/test_eval_counts.py checks they agree) plus GIF, whose first
+# frame PIL decodes: a folder that torchvision or CLIP_benchmark reads whole is read whole here, when writing
+# shards and when evaluating.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -63,8 +67,17 @@ def _bad_byte(text: str) -> str | None:
     return None
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def scan_folder(folder: Path) -> tuple[list[Path], Counter]:
+    """(the image files of a folder, sorted; a count of its other files per suffix)."""
+    images, other = [], Counter()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            images.append(path)
+        else:
+            other[path.suffix.lower() or "(no suffix)"] += 1
+    return images, other
 
 
 def caption_file(
@@ -135,23 +148,36 @@ def caption_file(
             yield Item(stem, str(path), all_captions[0], meta, where=f"{captions}:{entries[0][0]}")
 
 
-def _grouped_images(root: str | Path, group: str) -> Iterator[tuple[int, str, Path]]:
-    """(index of the group folder in sorted order, its name, image path) of ``<root>/<group>/<image>``."""
+def grouped_images(root: str | Path, group: str, unsupported: Counter | None = None,
+                   require_images: bool = False) -> list[tuple[int, str, Path]]:
+    """(index of the group folder in sorted order, its name, image path) of ``<root>/<group>/<image>``. Other
+    files are counted per suffix into ``unsupported``. ``require_images``: a group folder without an image is an
+    error naming it (torchvision's ImageFolder refuses an empty class too)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
     names = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not names:
         raise ValueError(f"{root}: no {group} folders (<root>/<{group}>/<image> expected)")
+    found = []
     for index, name in enumerate(names):
-        for path in _images_in(root / name):
-            yield index, name, path
+        images, other = scan_folder(root / name)
+        if not images and require_images:
+            if not other:
+                raise ValueError(f"{group} folder {root / name} is empty")
+            listed = ", ".join(f"{suffix} {n}" for suffix, n in sorted(other.items()))
+            raise ValueError(f"{group} folder {root / name} holds no file of a supported type ({listed}; "
+                             f"supported: {' '.join(IMAGE_EXTENSIONS)})")
+        if unsupported is not None:
+            unsupported.update(other)
+        found.extend((index, name, path) for path in images)
+    return found
 
 
 def labelled_folder(root: str | Path, source: str = "labels") -> Iterator[Item | Skip]:
     """``<root>/<class>/<image>``: class index = position of the folder name in sorted order (torchvision's
     ImageFolder rule); ``txt`` is the class name, ``json`` carries ``label`` and ``class_name``."""
-    for label, name, path in _grouped_images(root, "class"):
+    for label, name, path in grouped_images(root, "class"):
         rel = f"{name}/{path.name}"
         meta = {"uid": make_uid(source, rel), "source": source, "kind": "label", "label": label,
                 "class_name": name, "image": rel}
@@ -161,7 +187,7 @@ def labelled_folder(root: str | Path, source: str = "labels") -> Iterator[Item |
 def identity_folders(root: str | Path, source: str = "identities") -> Iterator[Item | Skip]:
     """``<root>/<person>/<image>``: identity = position of the person folder in sorted order; the folder name is
     kept as ``json["person"]``. No text: these sets ship none."""
-    for identity, person, path in _grouped_images(root, "person"):
+    for identity, person, path in grouped_images(root, "person"):
         rel = f"{person}/{path.name}"
         meta = {"uid": make_uid(source, rel), "source": source, "kind": "identity", "identity": identity,
                 "person": person, "image": rel}

@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from vlp.data.shards import ShardSpecError, is_local, local_path, expand, read_manifest
-from vlp.data.sources import Item, caption_file
+from vlp.data.shards import ShardSpecError, expand, is_local, local_path, read_manifest
+from vlp.data.sources import Item, caption_file, grouped_images
 from vlp.eval import prompts, wds_layout
 from vlp.eval.images import FileImages, ImageSet, ShardImages, merge_by_image
 from vlp.registry import Registry
@@ -35,26 +33,8 @@ from vlp.registry import Registry
 FORMATS: Registry[type["EvalDataset"]] = Registry("dataset format", attribute="format")
 register_format = FORMATS.register
 
-# What torchvision's ImageFolder reads, plus GIF (PIL decodes its first frame): a folder that torchvision or
-# CLIP_benchmark evaluates whole is evaluated whole here.
-IMAGE_SUFFIXES = tuple(sorted(set(IMG_EXTENSIONS) | {".gif"}))
-
-
 class DatasetError(ValueError):
     pass
-
-
-def scan_folder(folder: Path) -> tuple[list[Path], Counter]:
-    """(image files of a folder in sorted order, count of the other files per suffix)."""
-    images, other = [], Counter()
-    for path in sorted(folder.iterdir()):
-        if not path.is_file():
-            continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            images.append(path)
-        else:
-            other[path.suffix.lower() or "(no suffix)"] += 1
-    return images, other
 
 
 class EvalDataset(ABC):
@@ -87,23 +67,14 @@ class EvalDataset(ABC):
         return {"unsupported_files": self.unsupported, "skipped_when_written": self.skipped_when_written}
 
     def _grouped_images(self, root: Path, group: str) -> list[tuple[int, str, Path]]:
-        """(index of the group folder in sorted order, its name, image path) of ``<root>/<group>/<image>``; every
-        group folder must hold an image (torchvision's ImageFolder refuses an empty class as well)."""
+        """:func:`vlp.data.sources.grouped_images`, every group folder holding an image; files of other types are
+        counted into :meth:`dropped`."""
         self._exists(root, "image folder")
-        names = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if not names:
-            raise self._fail(f"{root} holds no {group} folder (<root>/<{group}>/<image> expected)")
-        found, other = [], Counter()
-        for index, name in enumerate(names):
-            images, ignored = scan_folder(root / name)
-            if not images:
-                if not ignored:
-                    raise self._fail(f"{group} folder {root / name} is empty")
-                listed = ", ".join(f"{suffix} {n}" for suffix, n in sorted(ignored.items()))
-                raise self._fail(f"{group} folder {root / name} holds no file of a supported type ({listed}; "
-                                 f"supported: {' '.join(IMAGE_SUFFIXES)})")
-            other.update(ignored)
-            found.extend((index, name, path) for path in images)
+        other = Counter()
+        try:
+            found = grouped_images(root, group, other, require_images=True)
+        except ValueError as e:
+            raise self._fail(str(e)) from None
         if other:
             self.unsupported[str(root)] = dict(sorted(other.items()))
         return found

@@ -15,14 +15,13 @@ A part's parameters belong to the model, so the optimizer, DDP/FSDP, the EMA and
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.registry import Registry
+from vlp.registry import Registry, check_options
 
 ROWS = "rows"  # one row per sample (or per text row): concatenated over micro-batches
 SHARED = "shared"  # independent of the samples: taken once per step
@@ -47,24 +46,21 @@ class Part(nn.Module):
         raise NotImplementedError
 
 
-def build_part(name: str, options: dict, spec: TowerSpec) -> Part:
+def check_part(name: str, options) -> tuple[type["Part"], dict]:
+    """The class of part ``name`` and its options without ``type``; a ValueError naming the config key if the type
+    is unknown or the options do not fit it."""
     key = f"model.parts.{name}"
+    if not isinstance(options, dict):
+        raise ValueError(f"{key}: expected a mapping with a type, got {options!r}")
     options = dict(options)
     cls = PARTS.get(options.pop("type", None), f"{key}.type")
     check_options(cls, options, key, skip=("spec", "name"))
+    return cls, options
+
+
+def build_part(name: str, options: dict, spec: TowerSpec) -> Part:
+    cls, options = check_part(name, options)
     return cls(spec=spec, name=name, **options)
-
-
-def check_options(cls: type, options: dict, key: str, skip: tuple[str, ...] = ()) -> None:
-    """Raise a ValueError naming ``key`` if ``cls`` takes no such options (or lacks a required one)."""
-    params = {n: p for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and n not in skip}
-    unknown = sorted(set(options) - set(params))
-    if unknown:
-        raise ValueError(f"{key}.{unknown[0]}: unknown option (known: {', '.join(sorted(params)) or 'none'})")
-    missing = [n for n, p in params.items() if p.default is inspect.Parameter.empty and n not in options
-               and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    if missing:
-        raise ValueError(f"{key}.{missing[0]}: required option is missing")
 
 
 @PARTS.register("text_prefix")

@@ -20,7 +20,7 @@ import inspect
 import torch
 from torch import nn
 
-from vlp.registry import Registry
+from vlp.registry import Registry, check_options
 
 OBJECTIVES: Registry[type["Objective"]] = Registry("objective")
 CONTEXT = ("rank", "world_size", "local_loss")  # what the trainer offers every constructor that asks for it
@@ -49,8 +49,6 @@ def caption_groups(image_features: torch.Tensor, text_features: torch.Tensor) ->
 def build_objective(name: str, options: dict, key: str | None = None, **context) -> Objective:
     """The objective ``name`` with its config ``options`` and whichever of ``context`` (``CONTEXT``) it takes.
     ``key`` is the config key errors name (default ``objectives.<name>``)."""
-    from vlp.models.parts import check_options
-
     cls = OBJECTIVES.get(name, f"{key}.name" if key else "objectives")
     key = key or f"objectives.{name}"
     accepted = inspect.signature(cls.__init__).parameters

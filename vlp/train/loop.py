@@ -41,11 +41,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 
 from vlp import atomic
-from vlp.config import DataConfig, Experiment, label_prompts, to_yaml
+from vlp.config import DataConfig, Experiment, label_prompts, to_yaml, validate
 from vlp.data import Loader, ShardStream, Source, StreamOptions
 from vlp.data.preprocess import ImageOptions, Normalize
 from vlp.data.shards import check_complete
-from vlp.data.stream import check_caption_options
 from vlp.models import VLPModel, build_model
 from vlp.models.parts import SHARED
 from vlp.models.text import PackingPlan
@@ -90,7 +89,6 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
         reason = check_complete(source.shards)
         if reason:
             log.warning("data.train[%d].shards: an incomplete shard set: %s", i, reason)
-    check_caption_options(cfg.caption, cfg.captions_per_sample, prefix="data.")
     sources = [Source(s.shards, s.weight, prompts=label_prompts(s.prompts, f"data.train[{i}].prompts")
                       if s.prompts else None) for i, s in enumerate(cfg.train)]
     if cfg.in_memory:
@@ -119,8 +117,7 @@ def merge_outputs(outputs: list[dict], j: int, keys: set[str], rules: dict[str, 
         if key not in outputs[j]:  # (a SigLIP objective on a model without a logit bias says so itself)
             continue
         if rules[key] == SHARED:
-            value = outputs[j][key]
-            merged[key] = value if j == len(outputs) - 1 or value is None else value.detach()
+            merged[key] = outputs[j][key] if j == len(outputs) - 1 else outputs[j][key].detach()
         else:
             merged[key] = torch.cat([o[key] for o in outputs])
     return merged
@@ -141,11 +138,10 @@ class EmptyEpoch(RuntimeError):
 
 class Trainer:
     def __init__(self, exp: Experiment, run_dir: str | Path | None = None):
+        validate(exp)  # as when a config file loads: an Experiment built in code gets the same checks
         self.exp = exp
         self.dist = setup(exp.train.device)
         self.device = self.dist.device
-        if exp.train.threads is not None and exp.train.threads < 1:
-            raise ValueError(f"train.threads: {exp.train.threads} is not a thread count (1 or more, or null)")
         if exp.train.threads and self.device.type == "cpu":
             torch.set_num_threads(exp.train.threads)
         if self.device.type == "cuda":  # as open_clip_train: fp32 matmuls in TF32, cuDNN picks its fastest kernels
@@ -423,7 +419,7 @@ class Trainer:
         if self._watchdog is not None:
             self._watchdog.cancel()
         grace = self.exp.train.stop_grace
-        self._watchdog = threading.Timer(grace, self._exit_unclean, (f"no clean stop {grace:g} s {since}",))
+        self._watchdog = threading.Timer(grace, self._exit_unclean, (f"not stopped cleanly {grace:g} s {since}",))
         self._watchdog.daemon = True
         self._watchdog.start()
 
