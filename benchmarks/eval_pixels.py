@@ -7,7 +7,7 @@ pixels (``--exact-decode``, open_clip's tensors bit for bit) on non-square image
 Image sets (all through :class:`vlp.eval.images.FileImages`, the evaluators' path):
 - ``pedestrians``: ``../shared/data/pedestrians/val/gallery`` (181 PNGs, 48x128);
 - ``synthetic``: ``--count`` generated JPEGs (quality 90), sides 500-1600 px, aspect 1:3 to 3:1, smooth colour
-  gradients plus noise (tests/test_eval_pixels.py's generator);
+  gradients plus noise (benchmarks/generated_images.py, the generator tests/test_eval_pixels.py uses);
 - ``flickr8k``: the first ``--count`` Flickr8k photos (160x160), each stretched bicubic to a random non-square
   500-1600 px size and saved as JPEG (quality 90): real content at sizes where DCT scaling engages.
 For each input size and resize mode: the mean and max absolute difference between the two decodings' pixels (0..255
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -27,14 +26,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from test_eval_pixels import encode, photo
+from generated_images import encode, photo
 
 from vlp.eval.images import FileImages, LoadOptions
 from vlp.eval.models import Preprocess
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 

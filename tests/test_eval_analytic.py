@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -30,6 +31,15 @@ PEOPLE = 4
 def colour_png(path: Path, rgb: tuple[int, int, int]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (12, 12), rgb).save(path)
+
+
+def person_png(path: Path, rgb: tuple[int, int, int]) -> None:
+    """``rgb`` at the pixel the fake models read, on noise seeded by it: two such images are different pictures
+    for the own-image rule (flat colours one grey level apart would be the same picture re-encoded)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(list(rgb)).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    pixels[6, 6] = rgb
+    Image.fromarray(pixels).save(path)
 
 
 class FakeModel(EvalModel):
@@ -111,12 +121,12 @@ def eval_data(tmp_path_factory) -> Path:
     for p in range(PEOPLE):
         for cam in (1, 2):
             for view in (1, 2):
-                colour_png(root / "people" / "gallery" / f"p{p}" / f"0{cam}_{view}.png", (p, cam, view))
+                person_png(root / "people" / "gallery" / f"p{p}" / f"0{cam}_{view}.png", (p, cam, view))
         if p < 2:
             (root / "people" / "query" / f"p{p}").mkdir(parents=True)
             shutil.copy(root / "people" / "gallery" / f"p{p}" / "01_1.png", root / "people" / "query" / f"p{p}")
         else:
-            colour_png(root / "people" / "query" / f"p{p}" / "02_9.png", (p, 2, 9))
+            person_png(root / "people" / "query" / f"p{p}" / "02_9.png", (p, 2, 9))
     (root / "people_captions.txt").write_text("".join(f"p{p}/x.png,person #{p} walking\n" for p in range(PEOPLE)))
     # the same sets in CLIP_benchmark's wds layout and as vlp caption shards (one sample per caption)
     wds_layout.write_classification(root / "folder" / "test", root / "wds_cls", "test", progress=False,

@@ -8,14 +8,18 @@ transposition. vlp's side goes through what the evaluators call: :class:`vlp.eva
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import require_shared_data, write_tar
+from conftest import REPO, require_shared_data, write_tar
 from PIL import Image, ImageOps
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from generated_images import encode, photo  # noqa: E402 - the generator benchmarks/eval_pixels.py shares
 
 from vlp.eval.images import FileImages, LoadOptions, ShardImages
 from vlp.eval.models import Preprocess
@@ -23,20 +27,6 @@ from vlp.eval.models import Preprocess
 MODES = ("shortest", "squash")
 OPENAI = (open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
 OTHER_NORM = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """Smooth colour gradients plus texture (uint8 RGB, height x width): resampling errors would show."""
-    y, x = np.mgrid[0:height, 0:width] / max(width, height)
-    rng = np.random.default_rng(seed)
-    img = np.stack([128 + 100 * np.sin(5 * x + c) * np.cos(4 * y - c) for c in range(3)], -1)
-    return np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    out = io.BytesIO()
-    img.save(out, fmt, **kw)
-    return out.getvalue()
 
 
 def exif_rotated_jpeg(width: int, height: int) -> bytes:

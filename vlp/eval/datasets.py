@@ -320,7 +320,9 @@ class IdentityDataset(EvalDataset):
         path: str
         query: str = "query"
         gallery: str = "gallery"
-        camera: str | None = r"^(\d+)_"  # regex on the file name; group 1 is the camera (None: unknown)
+        # regex on the file name, group 1 the camera; a name it does not match has no known camera, which only
+        # gallery_rule same_camera needs (then every file must match); None: no camera at all
+        camera: str | None = r"^(\d+)_"
         captions: str | None = None  # "<person>/<file>,<caption>" lines: text queries
 
     def _listing(self, part: str) -> list[tuple[str, Path]]:
@@ -332,16 +334,31 @@ class IdentityDataset(EvalDataset):
         if self.options.camera is None:
             return None
         found = re.search(self.options.camera, filename)
-        if not found or not found.groups():
-            raise self._fail(f"camera pattern {self.options.camera!r} does not match the file name {filename!r}")
-        return found.group(1)
+        return found.group(1) if found and found.groups() else None
 
     def check(self) -> None:
+        if self.options.camera is not None:
+            try:
+                re.compile(self.options.camera)
+            except re.error as e:
+                raise self._fail(f"camera: {self.options.camera!r} is not a regular expression ({e})") from None
         for part in (self.options.query, self.options.gallery):
-            for _, path in self._listing(part):
-                self._camera(path.name)
+            self._listing(part)
         if self.options.captions:
             self.text_queries()
+
+    def check_cameras(self, rule: str) -> None:
+        """Every file's camera must be known (gallery_rule same_camera): the first name the pattern does not give a
+        camera for is an error saying how to set the pattern or choose the rule that needs none."""
+        how = ("set camera: in the dataset entry to a regular expression whose group 1 is the camera in the file "
+               "name, or use gallery_rule: same_image, which needs no camera")
+        if self.options.camera is None:
+            raise self._fail(f"gallery_rule {rule} needs each image's camera, but camera: is null; {how}")
+        for part in (self.options.query, self.options.gallery):
+            for _, path in self._listing(part):
+                if self._camera(path.name) is None:
+                    raise self._fail(f"gallery_rule {rule} needs each image's camera, but the camera pattern "
+                                     f"{self.options.camera!r} finds none in {path}; {how}")
 
     def text_queries(self) -> list[tuple[str, str]]:
         """(person, caption) for every line of the captions file (Flickr8k's ``image,caption`` layout, the image
@@ -368,5 +385,5 @@ class IdentityDataset(EvalDataset):
         for person, path in self._listing(part):
             paths.append(str(path))
             records.append({"key": f"{person}/{path.name}", "identity": person, "camera": self._camera(path.name)})
-        return FileImages(f"{self.name}/{part}", paths, records, digest=True,
+        return FileImages(f"{self.name}/{part}", paths, records, pictures=True,
                           extra={"camera": self.options.camera})

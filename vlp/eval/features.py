@@ -59,6 +59,23 @@ def _key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:40]
 
 
+def unread(size: int, skipped: dict) -> str:
+    """Why an image set gave no image: it holds none of a supported type, or its images failed to decode (or
+    both, or other reasons), with the counts."""
+    no_image, decode = skipped.get("no_image", 0), skipped.get("image_decode", 0)
+    other = {k: v for k, v in skipped.items() if k not in ("no_image", "image_decode") and v}
+    if not skipped:
+        return f"it lists {size} images and gave none" if size else "it holds no file of a supported type"
+    parts = []
+    if no_image:
+        parts.append(f"{no_image} samples hold no file of a supported type")
+    if decode:
+        parts.append(f"{decode} samples hold an image that failed to decode")
+    if other:
+        parts.append(", ".join(f"{n} skipped as {reason}" for reason, n in sorted(other.items())))
+    return "; ".join(parts)
+
+
 class FeatureStore:
     def __init__(self, model: EvalModel, opts: FeatureOptions | None = None):
         self.model = model
@@ -101,8 +118,10 @@ class FeatureStore:
             for batch, batch_records in bar:
                 features.append(self.model.encode_image(batch).float())
                 records.extend(batch_records)
+        skipped = images.skipped()
         if not records:
-            raise ValueError(f"{images.name}: no image could be read")
+            raise ValueError(f"{images.name}: no image could be read: {unread(len(images), skipped)}"
+                             + (f"; the first: {images.first_failure()}" if skipped else ""))
         order = sorted(range(len(records)), key=lambda i: records[i]["key"])
         keys = [records[i]["key"] for i in order]
         repeated = next((a for a, b in zip(keys, keys[1:]) if a == b), None)
@@ -110,10 +129,10 @@ class FeatureStore:
             raise ValueError(f"{images.name}: the key {repeated!r} names two samples; keys must be unique")
         stacked = torch.cat(features)[order].contiguous()
         stacked, ordered = images.finalize(stacked, [records[i] for i in order])
-        skipped = images.skipped()
         if skipped:  # a figure on a silently smaller set would not be comparable with anyone else's
-            raise ValueError(f"{images.name}: {sum(skipped.values())} samples could not be read ({skipped}); "
-                             "an evaluation set must be read whole, fix or rewrite it")
+            raise ValueError(f"{images.name}: {sum(skipped.values())} samples could not be read ({skipped}); the "
+                             f"first: {images.first_failure()}; an evaluation set must be read whole, fix or "
+                             "rewrite it")
         self.computed.append(images.name)
         return Embedded(stacked, ordered, skipped, seconds=time.time() - start)
 

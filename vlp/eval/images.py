@@ -14,6 +14,7 @@ set; the set's canonical order is by key, whatever the number of workers.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import random
@@ -22,11 +23,13 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import functional as TF
 
 from vlp.data import BadSample, ImageDecoder, ImageOptions, Loader, ShardStream, StreamOptions
-from vlp.data.shards import expand
+from vlp.data.preprocess import IMAGE_KEYS, parse_sample
+from vlp.data.shards import expand, iter_raw_samples
 from vlp.eval.models import Preprocess
 
 
@@ -73,6 +76,10 @@ class ImageSet(ABC):
     def skipped(self) -> dict:
         return {}
 
+    def first_failure(self) -> str | None:
+        """Where the first sample that could not be read is, and why (for error messages), or None."""
+        return None
+
 
 def _stat_digest(paths: list[str]) -> str:
     h = hashlib.blake2b(digest_size=16)
@@ -82,9 +89,51 @@ def _stat_digest(paths: list[str]) -> str:
     return h.hexdigest()
 
 
+# Two files are the same picture when their stored sizes are equal and their box-filtered 16x16 RGB thumbnails differ
+# by at most 4 grey levels (0..255) on average: a PNG re-save differs by 0, a JPEG re-encode of a pedestrian crop by
+# at most 1.2 (quality 75 or 90), while two different images of one person differ by 21 or more (the shared set's
+# train/ people, tests/test_eval_person_rules.py). Near-identical pictures (a still camera, a flat colour) count as
+# copies too: no rule on pixels can tell them from a re-encode.
+THUMBNAIL = 16
+SAME_PICTURE_MAX_DIFFERENCE = 4.0
+SAME_PICTURE = (f"same stored size, {THUMBNAIL}x{THUMBNAIL} box-filtered RGB thumbnails within "
+                f"{SAME_PICTURE_MAX_DIFFERENCE:g} grey levels mean absolute difference")
+
+
+def picture_signature(data: bytes) -> dict:
+    """What :func:`same_picture` compares: the stored (width, height) and the hex bytes of the decoded image's
+    thumbnail (RGB as CLIP_benchmark's loaders convert it, box filter)."""
+    with Image.open(io.BytesIO(data)) as img:
+        size = list(img.size)
+        thumbnail = img.convert("RGB").resize((THUMBNAIL, THUMBNAIL), Image.BOX)
+    return {"size": size, "thumbnail": thumbnail.tobytes().hex()}
+
+
+def same_picture(a: list[dict | None], b: list[dict | None], chunk: int = 1024) -> torch.Tensor:
+    """(len(a), len(b)) bool: which pairs of signatures are the same picture up to re-encoding (see
+    :data:`SAME_PICTURE`); a missing signature (None) matches nothing."""
+    def table(signatures):
+        known = torch.tensor([s is not None for s in signatures], dtype=torch.bool)
+        size = torch.tensor([s["size"] if s else [-1, -1] for s in signatures], dtype=torch.long).view(-1, 2)
+        pixels = torch.stack([torch.frombuffer(bytearray.fromhex(s["thumbnail"]), dtype=torch.uint8).float()
+                              if s else torch.zeros(3 * THUMBNAIL ** 2) for s in signatures]) if signatures \
+            else torch.zeros(0, 3 * THUMBNAIL ** 2)
+        return known, size, pixels
+
+    known_a, size_a, pixels_a = table(a)
+    known_b, size_b, pixels_b = table(b)
+    out = torch.zeros(len(a), len(b), dtype=torch.bool)
+    for start in range(0, len(a), chunk):
+        rows = slice(start, start + chunk)
+        close = torch.cdist(pixels_a[rows], pixels_b, p=1) / pixels_a.shape[1] <= SAME_PICTURE_MAX_DIFFERENCE
+        same_size = (size_a[rows, None, :] == size_b[None, :, :]).all(-1)
+        out[rows] = close & same_size & known_a[rows, None] & known_b[None, :]
+    return out
+
+
 class _DecodeFiles(Dataset):
-    def __init__(self, paths: list[str], opts: ImageOptions, digest: bool):
-        self.paths, self.digest = paths, digest
+    def __init__(self, paths: list[str], opts: ImageOptions, pictures: bool):
+        self.paths, self.pictures = paths, pictures
         self.decoder = ImageDecoder(opts)
         self.rng = random.Random(0)  # the eval transform draws nothing; the decoder's signature wants one
 
@@ -94,27 +143,29 @@ class _DecodeFiles(Dataset):
     def __getitem__(self, i: int):
         with open(self.paths[i], "rb") as f:
             data = f.read()
-        # The content hash lets an evaluator recognise the same image under two names (query/gallery copies).
-        digest = hashlib.md5(data).hexdigest() if self.digest else None
         try:
-            return i, self.decoder(data, self.rng), digest
-        except BadSample as e:
+            # The signature lets an evaluator recognise one picture under two names, re-encoded or not.
+            signature = picture_signature(data) if self.pictures else None
+            return i, self.decoder(data, self.rng), signature
+        except (BadSample, OSError, ValueError) as e:
             raise ValueError(f"{self.paths[i]}: {e}") from e
 
 
 class FileImages(ImageSet):
-    """Image files with their records; ``digest=True`` adds each file's MD5 to its record."""
+    """Image files with their records; ``pictures=True`` adds each file's :func:`picture_signature` to its record
+    (as ``picture``)."""
 
-    def __init__(self, name: str, paths: list[str], records: list[dict], digest: bool = False,
+    def __init__(self, name: str, paths: list[str], records: list[dict], pictures: bool = False,
                  extra: dict | None = None):
         if len(paths) != len(records):
             raise ValueError("one record per image path expected")
-        self.name, self.paths, self.records, self.digest = name, paths, records, digest
+        self.name, self.paths, self.records, self.pictures = name, paths, records, pictures
         self.extra = extra or {}
 
     def fingerprint(self) -> dict:
         return {"kind": "files", "name": self.name, "files": _stat_digest(self.paths), "count": len(self.paths),
-                "digest": self.digest, "records": _records_digest(self.records), "pixels": PIXELS, **self.extra}
+                "pictures": SAME_PICTURE if self.pictures else None, "records": _records_digest(self.records),
+                "pixels": PIXELS, **self.extra}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -126,14 +177,14 @@ class FileImages(ImageSet):
             index = [i for i, _, _ in items]
             images = normalize(torch.stack([img for _, img, _ in items]), image_opts.mean, image_opts.std)
             records = []
-            for i, _, digest in items:
+            for i, _, signature in items:
                 record = dict(self.records[i])
-                if digest is not None:
-                    record["digest"] = digest
+                if signature is not None:
+                    record["picture"] = signature
                 records.append(record)
             return images, records, index
 
-        loader = DataLoader(_DecodeFiles(self.paths, image_opts, self.digest), batch_size=opts.batch_size,
+        loader = DataLoader(_DecodeFiles(self.paths, image_opts, self.pictures), batch_size=opts.batch_size,
                             num_workers=opts.workers, collate_fn=collate, shuffle=False)
         for images, records, _ in loader:
             yield images, records
@@ -176,6 +227,26 @@ class ShardImages(ImageSet):
 
     def skipped(self) -> dict:
         return self._skipped
+
+    def first_failure(self) -> str | None:
+        """The first sample, in shard order, without an image or whose image fails to decode: read again, only
+        for the message of a run that stops on it."""
+        decoder = ImageDecoder(ImageOptions(size=8, train=False, draft=False))
+        rng = random.Random(0)
+        for shard in self.shards:
+            problems: list[str] = []
+            for raw in iter_raw_samples(shard.url, on_error=lambda reason, where: problems.append(where)):
+                members = ", ".join(sorted(k for k in raw if not k.startswith("__")))
+                try:
+                    decoder(parse_sample(raw, require_text=False, caption="first")["image"], rng)
+                except BadSample as e:
+                    if e.reason == "no_image":
+                        return (f"{shard.url}: sample {raw['__key__']} has no image member of a supported type "
+                                f"({', '.join(IMAGE_KEYS)}); it has: {members or 'nothing'}")
+                    return f"{shard.url}: sample {raw['__key__']} ({members}): {e}"
+            if problems:
+                return problems[0]
+        return None
 
     def finalize(self, features, records):
         return self._finalize(features, records) if self._finalize else (features, records)

@@ -56,6 +56,10 @@ def _markdown(suite: Suite, results: list[Result], model: dict, average: float, 
     notes = _dropped_notes(results)
     if notes:
         lines += ["", "Not evaluated:", *notes]
+    warnings = [f"- {r.entry.dataset.name} {r.entry.evaluator.task}: {w}"
+                for r in results for w in r.entry.evaluator.warnings]
+    if warnings:
+        lines += ["", "Warnings:", *warnings]
     atomic.write_text(path, "\n".join(lines) + "\n")
     return path
 

@@ -214,7 +214,8 @@ class Result:
                 "main_metric": self.main_metric,
                 "protocol": e.evaluator.protocol(), "options": e.options, "data": e.dataset.describe(),
                 "prompts": e.dataset.prompt_sources or None, "counts": e.evaluator.counts,
-                "dropped": e.dataset.dropped(), "seconds": round(self.seconds, 3), "language": "en"}
+                "dropped": e.dataset.dropped(), "warnings": e.evaluator.warnings, "seconds": round(self.seconds, 3),
+                "language": "en"}
 
 
 def run_suite(suite: Suite, store: FeatureStore) -> list[Result]:
@@ -223,6 +224,8 @@ def run_suite(suite: Suite, store: FeatureStore) -> list[Result]:
         start = time.time()
         log.info("%s: %s on %s", suite.name, entry.evaluator.task, entry.dataset.name)
         metrics = entry.evaluator.run(store)
+        for warning in entry.evaluator.warnings:
+            log.warning("%s: %s on %s: %s", suite.name, entry.evaluator.task, entry.dataset.name, warning)
         results.append(Result(entry, metrics, entry.evaluator.main_metric(metrics), time.time() - start))
     return results
 

@@ -3,8 +3,9 @@
 An evaluator gets its dataset and its typed options, validates what it can before any model work (``check``),
 and ``run(store)`` returns a flat dict of metrics, embedding through the :class:`FeatureStore` so that embeddings
 are shared with the other tasks of the suite. ``run`` also sets ``counts``: how many images, texts and classes
-(or identities) the figures were computed on, recorded in every result file. Adding a task is one module with a
-registered class.
+(or identities) the figures were computed on, recorded in every result file, and may add ``warnings``: sentences
+about the figures that a reader should see beside them (result file, summary, log). Adding a task is one module
+with a registered class.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ class Evaluator(ABC):
     def __init__(self, dataset: EvalDataset, options, where: str):
         self.dataset, self.options, self.where = dataset, options, where
         self.counts: dict[str, int] = {}  # set by run()
+        self.warnings: list[str] = []  # set by run()
 
     def check(self) -> None:
         """Cheap validation after the dataset's own check; raise :class:`DatasetError` naming the entry."""

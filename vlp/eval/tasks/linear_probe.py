@@ -4,7 +4,8 @@ As in the CLIP paper (sec. 3.2 / appendix A.3), the L2 penalty is chosen on a va
 training split, then the probe is refitted with it and scored once on the test split. Features are L2-normalised
 (CLIP_benchmark's default). The penalty is given as a weight decay ``wd`` on the mean loss,
 ``mean CE + wd/2 * |W|^2``, which is scikit-learn's ``C = 1 / (wd * n)``, so one grid means the same at any
-training-set size.
+training-set size. A chosen value at either end of the grid (``weight_decay_at_grid_edge``: ``smallest`` or
+``largest``) may not be the best one: the result carries a warning suggesting to extend the grid that way.
 """
 from __future__ import annotations
 
@@ -74,6 +75,13 @@ def scores(probe, x: np.ndarray, classes: int) -> torch.Tensor:
     return out
 
 
+def grid_edge(chosen: float, grid: list[float]) -> str | None:
+    """"smallest" or "largest" when ``chosen`` is that end of a grid of several values, else None."""
+    if len(set(grid)) < 2:
+        return None  # one value: nothing was chosen
+    return "smallest" if chosen == min(grid) else "largest" if chosen == max(grid) else None
+
+
 @register_task("linear_probe")
 class LinearProbe(Evaluator):
     needs = ("classification",)
@@ -124,8 +132,12 @@ class LinearProbe(Evaluator):
         probe = fit(x[final_idx], y_np[final_idx], best_wd, o.max_iter)
         metrics = classification_metrics(scores(probe, x_test, classes), y_test)
         self.counts = {"images": len(y_test), "train_images": len(final_idx), "classes": classes}
-        return {**metrics, "weight_decay": best_wd, "val_acc1": best_acc, "train_images": len(final_idx),
-                "test_images": len(y_test)}
+        edge = grid_edge(best_wd, o.weight_decays)
+        beyond = "smaller" if edge == "smallest" else "larger"
+        self.warnings = [f"the chosen weight decay {best_wd:g} is the {edge} of weight_decays "
+                         f"{sorted(o.weight_decays)}: the best may lie beyond it, add {beyond} values"] if edge else []
+        return {**metrics, "weight_decay": best_wd, "weight_decay_at_grid_edge": edge, "val_acc1": best_acc,
+                "train_images": len(final_idx), "test_images": len(y_test)}
 
     def main_metric(self, metrics: dict[str, float]) -> str:
         return "acc1"

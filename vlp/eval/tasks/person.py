@@ -3,8 +3,10 @@
 Every gallery image of the query's identity is a positive; metrics are IRRA's (rank-k CMC, mAP, mINP; see
 :func:`vlp.eval.metrics.person_retrieval_metrics`). Image queries never see their own image: in sets where the
 query images are also in the gallery (the shared pedestrian set: 17 of 28) a query would otherwise find itself
-at rank 1. ``gallery_rule`` says what else is removed from an image query's gallery:
-- ``same_image``: only gallery images with the query's exact bytes (MD5 of the file);
+at rank 1. A gallery file is the query's own image when it is the same picture, whatever its encoding: same stored
+size and decoded pixels equal up to re-encoding noise (:data:`vlp.eval.images.SAME_PICTURE`), so a PNG re-save or a
+JPEG re-encode of the query is caught. ``gallery_rule`` says what else is removed from an image query's gallery:
+- ``same_image``: only the query's own image;
 - ``same_camera``: every gallery image of the query's identity taken by the query's camera (Market-1501's rule,
   Zheng et al. 2015), which includes the query's own image.
 Text queries (captions of query images, when the dataset has them) rank the full gallery: IRRA's protocol.
@@ -16,20 +18,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from vlp.eval.datasets import DatasetError
+from vlp.eval.datasets import DatasetError, IdentityDataset
 from vlp.eval.features import Embedded, FeatureStore
+from vlp.eval.images import same_picture
 from vlp.eval.metrics import person_retrieval_metrics
 from vlp.eval.tasks import Evaluator, register_task
 
 RULES = {
-    "same_image": "image->image: the query's own image (same file bytes) removed from its gallery",
+    "same_image": "image->image: the query's own image (same picture, any encoding) removed from its gallery",
     "same_camera": "image->image: gallery images of the query's identity from the query's camera removed "
                    "(Market-1501)",
 }
 
 
 def _codes(query: list, gallery: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Equal values -> equal integers; None never equals anything (unknown digest or camera)."""
+    """Equal values -> equal integers; None never equals anything (an unknown camera)."""
     table: dict = {}
 
     def code(values, start):
@@ -40,8 +43,7 @@ def _codes(query: list, gallery: list) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ignore_mask(query: Embedded, gallery: Embedded, rule: str) -> torch.Tensor:
     """(queries, gallery) bool: the gallery items each image query must not see."""
-    q, g = _codes(query.column("digest"), gallery.column("digest"))
-    mask = q.view(-1, 1) == g.view(1, -1)
+    mask = same_picture(query.column("picture"), gallery.column("picture"))
     if rule == "same_camera":
         q, g = _codes(list(zip(query.column("identity"), query.column("camera"))),
                       list(zip(gallery.column("identity"), gallery.column("camera"))))
@@ -65,8 +67,11 @@ class PersonRetrieval(Evaluator):
         if self.options.gallery_rule not in RULES:
             raise DatasetError(f"{self.where}: gallery_rule must be one of {sorted(RULES)}, "
                                f"got {self.options.gallery_rule!r}")
-        if self.options.gallery_rule == "same_camera" and self.dataset.options.camera is None:
-            raise DatasetError(f"{self.where}: gallery_rule same_camera needs the dataset's camera pattern")
+        if self.options.gallery_rule == "same_camera" and isinstance(self.dataset, IdentityDataset):
+            try:
+                self.dataset.check_cameras("same_camera")
+            except DatasetError as e:
+                raise DatasetError(f"{self.where}: {e}") from None
         if not (self.options.image or (self.options.text and self.dataset.options.captions)):
             raise DatasetError(f"{self.where}: nothing to evaluate (image: false, and no text queries)")
 
