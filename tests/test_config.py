@@ -1,6 +1,7 @@
 """Experiment configs: typed loading, errors that name the key, overrides, and every shipped config in smoke mode."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,7 +13,7 @@ import yaml
 
 from conftest import REPO
 from vlp.cli import main as cli
-from vlp.config import ConfigError, experiment_from_dict, load_experiment, to_yaml
+from vlp.config import ConfigError, SourceConfig, experiment_from_dict, load_experiment, to_yaml
 from vlp.train import checkpoint
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -86,4 +87,7 @@ def test_every_shipped_config_runs_in_smoke_mode(config, tmp_path):
         # a few steps from random weights leave InfoNCE near chance, ln(batch): far off means a broken loss
         assert all(abs(r["loss"] - math.log(smoke.data.batch_size)) < 1.0 for r in logged), logged
     assert checkpoint.latest(run) == run / "checkpoints" / f"step-{steps:07d}"
+    if smoke.filtering.pool is not None:  # the run trains on the pool's kept samples, and its config says so
+        kept = [SourceConfig(shards=str(run / "filtering" / "kept"))]
+        smoke = dataclasses.replace(smoke, data=dataclasses.replace(smoke.data, train=kept))
     assert load_experiment(run / "config.yaml") == smoke, "the run folder holds the resolved experiment"

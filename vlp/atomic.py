@@ -6,7 +6,9 @@ leaves the previous file (or none), never a truncated one.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
 def partial_path(path: Path) -> Path:
@@ -14,17 +16,29 @@ def partial_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.partial")
 
 
-def write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> Path:
+@contextmanager
+def open_atomic(path: str | Path, fsync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through, renamed into place when the block ends without an error (for
+    writers that stream, e.g. ``np.save`` of a large array, rather than hold a second copy as bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
-    with open(tmp, "wb") as f:
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes, fsync: bool = False) -> Path:
+    with open_atomic(path, fsync) as f:
         f.write(data)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str, fsync: bool = False) -> Path:

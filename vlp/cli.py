@@ -1,9 +1,8 @@
-"""``vlp <verb>``: thin wrappers over the package (shards, demo, eval, train)."""
+"""``vlp <verb>``: thin wrappers over the package (shards, demo, eval, train, score, filter, reshard)."""
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 
@@ -42,6 +41,9 @@ def _shards_parser(sub) -> None:
 
     i = kinds.add_parser("identities", help="identity folders <root>/<person>/<image> (e.g. pedestrian re-ID)")
     i.add_argument("--root", required=True)
+    i.add_argument("--captions", choices=("none", "attributes"), default="none",
+                   help="'attributes': pseudo-captions from clothing colours read off each crop (vlp.data.attributes; "
+                        "txt + json['captions'] + json['attributes']); default: no text")
     _add_writer_flags(i)
 
     t = kinds.add_parser("table", help="a CSV or parquet list of (image path, caption, extra columns)")
@@ -80,7 +82,12 @@ def run_shards(args) -> int:
         items = sources.labelled_folder(args.root, source)
     elif args.kind == "identities":
         source = args.source or "identities"
-        items = sources.identity_folders(args.root, source)
+        captioner = None
+        if args.captions == "attributes":
+            from vlp.data.attributes import caption_image
+
+            captioner = caption_image
+        items = sources.identity_folders(args.root, source, captioner)
     else:
         items = sources.table(args.table, args.image_column, args.caption_column, args.base, args.source)
         source = args.source
@@ -91,7 +98,9 @@ def run_shards(args) -> int:
     return 0
 
 
-PLUGGED_VERBS = ("eval", "train")  # verbs whose module vlp.<verb>.cli owns its flags (add_parser, run)
+# verb -> the module that owns its flags (``add_parser(sub)``, which may add several verbs, and ``run(args)``)
+PLUGGED_VERBS = {"eval": "vlp.eval.cli", "train": "vlp.train.cli",
+                 "score": "vlp.filtering.cli", "filter": "vlp.filtering.cli", "reshard": "vlp.filtering.cli"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the whole pipeline on data scikit-learn ships (digits), in a few minutes")
     d.add_argument("--out", default="runs/demo", help="run folder")
     d.add_argument("--quick", action="store_true", help="a few steps only (used by the tests)")
-    for verb in PLUGGED_VERBS:
-        if importlib.util.find_spec(f"vlp.{verb}") and importlib.util.find_spec(f"vlp.{verb}.cli"):
-            importlib.import_module(f"vlp.{verb}.cli").add_parser(sub)
+    for module in dict.fromkeys(PLUGGED_VERBS.values()):
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
@@ -119,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             from vlp.demo import run_demo
 
             return run_demo(args.out, quick=args.quick)
-        return importlib.import_module(f"vlp.{args.verb}.cli").run(args)
+        return importlib.import_module(PLUGGED_VERBS[args.verb]).run(args)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"vlp {args.verb}: error: {e}", file=sys.stderr)
         return 2

@@ -160,6 +160,22 @@ class EvalConfig:
 
 
 @dataclass
+class FilteringConfig:
+    """Filter a pool before training (vlp/filtering, docs/filtering.md): score it with a filter network, select by
+    rules, reshard the kept samples; the run then trains on them. Each stage is skipped where its output is whole."""
+    pool: Optional[str] = None  # shard spec of the pool; None: no filtering
+    model: Optional[str] = None  # the filter network as vlp eval takes it (run folder, NAME:TAG, NAME:/weights)
+    model_config: Optional[str] = None  # or an experiment config trained first, in <work>/filter-network
+    keep: list[str] = field(default_factory=list)  # vlp filter rules, all must hold (e.g. score_top=0.3)
+    dedup_suite: Optional[str] = None  # evaluation suite whose images' near-duplicates a rule eval_dup<t removes
+    work: Optional[str] = None  # scores/, selection/, kept/ (default: <run folder>/filtering)
+    batch_size: int = 256
+    workers: int = 1
+    exact_decode: bool = False
+    samples_per_shard: int = 1000
+
+
+@dataclass
 class Experiment:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +185,7 @@ class Experiment:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    filtering: FilteringConfig = field(default_factory=FilteringConfig)
     out: str = "runs"  # the run folder is <out>/<name>
 
 
@@ -335,6 +352,26 @@ def validate(exp: Experiment) -> None:
         check_part(name, options)
     for i, o in enumerate(exp.objectives):
         build_objective(o.name, o.options, key=f"objectives[{i}]")
+    _validate_filtering(exp)
+
+
+def _validate_filtering(exp: Experiment) -> None:
+    f = exp.filtering
+    if f.pool is None:
+        return
+    if (f.model is None) == (f.model_config is None):
+        raise ConfigError("filtering: give the filter network as filtering.model or filtering.model_config (one)")
+    if not f.keep:
+        raise ConfigError("filtering.keep: no rule given (e.g. [score_top=0.3])")
+    from vlp.filtering.select import parse_rule
+
+    for i, rule in enumerate(f.keep):
+        try:
+            parse_rule(rule)
+        except ValueError as e:
+            raise ConfigError(f"filtering.keep[{i}]: {e}") from None
+    if f.model_config is not None and not Path(f.model_config).exists():
+        raise ConfigError(f"filtering.model_config: {f.model_config} does not exist")
 
 
 def _flatten(section: dict, prefix: str = "") -> list[tuple[str, Any]]:

@@ -339,6 +339,41 @@ def iter_raw_samples(
             stream.close()
 
 
+def iter_sample_headers(
+    url: str, on_error: Callable[[str, str], None] | None = None
+) -> Iterator[tuple[str, list[tarfile.TarInfo]]]:
+    """(key, members) of the samples of a local tar, from its headers alone: member data is seeked over, and lies at
+    ``member.offset_data``, ``member.size`` bytes long, for a caller that copies or reads only some of it.
+
+    Yields the samples :func:`iter_raw_samples` yields and reports damage to ``on_error`` with the same reasons and
+    places, so such a caller sees what a reader of the whole shard sees."""
+    report = on_error or (lambda reason, where: None)
+    path = local_path(url)
+    try:
+        tf = _Tar.open(path, "r:")
+    except (OSError, tarfile.TarError, EOFError) as e:
+        report("unreadable_shard", f"{url}: {e}")
+        return
+    index, key, members = -1, None, []
+    try:
+        with tf:
+            for k, _, member in _sample_members(tf):
+                if k != key:
+                    if key is not None:
+                        yield key, members
+                    index, key, members = index + 1, k, []
+                members.append(member)
+            damage = _end_damage(tf, os.path.getsize(path)) if key is not None else None
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        report("truncated_tar", f"{url} {_after(index)}: {e}")
+        return
+    if damage is not None:
+        report(damage.reason, f"{url} {_after(index)}: {damage.detail}")
+        return
+    if key is not None:
+        yield key, members
+
+
 def _after(index: int) -> str:
     # ``index`` is the sample being read when the damage showed: the one it cut into, which is dropped.
     return f"after sample {index - 1}" if index > 0 else "before its first sample"

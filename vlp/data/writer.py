@@ -90,7 +90,7 @@ def _image_error(e: Exception) -> str:
     return re.sub(r"\s+at 0x[0-9a-fA-F]+", "", text)
 
 
-def _stop_with_writer(writer_pid: int) -> None:
+def stop_with_writer(writer_pid: int) -> None:
     """Pool initializer: a pool process must not outlive the writer (``kill -9`` gives the writer no chance to
     stop its pool, and an orphan would go on renaming shards into a folder that is no longer being written)."""
     global _writer_pid
@@ -98,7 +98,7 @@ def _stop_with_writer(writer_pid: int) -> None:
     die_with_parent(writer_pid)
 
 
-def _exit_if_orphaned() -> None:
+def exit_if_orphaned() -> None:
     # Checked before every rename as well: a shard must never appear in a folder whose writer is gone.
     if _writer_pid is not None and os.getppid() != _writer_pid:
         os._exit(1)
@@ -134,12 +134,12 @@ def _write_shard(task: tuple[int, list[Item], str, WriterOptions]) -> tuple[dict
                 count += 1
         f.flush()
         os.fsync(f.fileno())
-    _exit_if_orphaned()
+    exit_if_orphaned()
     os.replace(partial, final)
     return {"name": name, "samples": count, "bytes": final.stat().st_size}, skips
 
 
-def _check_output(out: Path, opts: WriterOptions) -> None:
+def check_output(out: Path, opts: WriterOptions) -> None:
     """A finished shard set (with its manifest) is never overwritten unless asked. What a stopped writer left (vlp's
     shards without a manifest) is written again from the start: the writer is deterministic, so the same command
     finishes the set, and nothing finished is lost."""
@@ -172,7 +172,7 @@ def write_shards(inputs: Iterable[Item | Skip], out: str | Path, opts: WriterOpt
     if duplicated:
         raise ValueError(f"sample keys must be unique within a shard set; {len(duplicated)} repeat, "
                          f"e.g. {duplicated[0]!r}")
-    _check_output(out, opts)
+    check_output(out, opts)
 
     n = opts.samples_per_shard
     tasks = [(i, items[s:s + n], str(out), opts) for i, s in enumerate(range(0, len(items), n))]
@@ -181,9 +181,9 @@ def write_shards(inputs: Iterable[Item | Skip], out: str | Path, opts: WriterOpt
     bar = tqdm(total=len(items), unit="sample", desc=f"shards -> {out}", disable=not progress)
     if opts.workers > 1 and len(tasks) > 1:
         # fork where prctl exists: the pool processes are then children of this process itself (not of a fork
-        # server), which is what both of _stop_with_writer's checks rely on.
+        # server), which is what both of stop_with_writer's checks rely on.
         context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-        with ProcessPoolExecutor(opts.workers, mp_context=context, initializer=_stop_with_writer,
+        with ProcessPoolExecutor(opts.workers, mp_context=context, initializer=stop_with_writer,
                                  initargs=(os.getpid(),)) as pool:
             for record, bad in pool.map(_write_shard, tasks):
                 records.append(record)

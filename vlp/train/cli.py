@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from vlp.config import ConfigError, load_experiment
 
@@ -26,6 +27,12 @@ def run(args) -> int:
         print(f"vlp train: config error: {e}", file=sys.stderr)
         return 2
     try:
+        if exp.filtering.pool is not None:  # pool -> score -> filter -> reshard, then train on the kept samples
+            from vlp.filtering.pipeline import run_filtering
+            from vlp.filtering.score import distributed_env
+
+            rank, world_size, _ = distributed_env()
+            exp = run_filtering(exp, Path(args.run_dir or Path(exp.out) / exp.name), rank, world_size)
         record = train(exp, args.run_dir)
     except TrainingDiverged as e:
         print(f"vlp train: stopped: {e}", file=sys.stderr)
