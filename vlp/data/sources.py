@@ -14,7 +14,7 @@ import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 INTEGER_FIELDS = {"label", "identity"}
 # torchvision's ImageFolder extensions (torchvision.datasets.folder.IMG_EXTENSIONS, restated: importing torchvision
@@ -184,14 +184,33 @@ def labelled_folder(root: str | Path, source: str = "labels") -> Iterator[Item |
         yield Item(_safe_key(f"{name}_{path.stem}"), str(path), name, meta, cls=label)
 
 
-def identity_folders(root: str | Path, source: str = "identities") -> Iterator[Item | Skip]:
+def identity_folders(root: str | Path, source: str = "identities",
+                     captioner: Callable[[Path, str], tuple[list[str], dict]] | None = None) -> Iterator[Item | Skip]:
     """``<root>/<person>/<image>``: identity = position of the person folder in sorted order; the folder name is
-    kept as ``json["person"]``. No text: these sets ship none."""
+    kept as ``json["person"]``. No text: these sets ship none.
+
+    ``captioner(image path, key) -> (captions, attributes)`` (e.g. :func:`vlp.data.attributes.caption_image`) gives
+    each image pseudo-captions read off its pixels: ``txt`` = the first, ``json["captions"]`` all of them (for
+    ``data.caption: random``), ``json["attributes"]`` what they were made from. It reads the image here, in the
+    process that lists the inputs, so an image it cannot read is skipped with the writer's reasons."""
     for identity, person, path in grouped_images(root, "person"):
         rel = f"{person}/{path.name}"
         meta = {"uid": make_uid(source, rel), "source": source, "kind": "identity", "identity": identity,
                 "person": person, "image": rel}
-        yield Item(_safe_key(f"{person}_{path.stem}"), str(path), None, meta)
+        key = _safe_key(f"{person}_{path.stem}")
+        if captioner is None:
+            yield Item(key, str(path), None, meta)
+            continue
+        try:
+            captions, attributes = captioner(path, key)
+        except FileNotFoundError:
+            yield Skip("missing_image", str(path))
+            continue
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+            yield Skip("bad_image", f"{path}: {e}")
+            continue
+        meta.update(captions=captions, attributes=attributes)
+        yield Item(key, str(path), captions[0], meta)
 
 
 def _coerce_integers(extra: dict) -> str | None:
