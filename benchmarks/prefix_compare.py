@@ -196,7 +196,10 @@ COLUMNS = [  # (key, header)
 
 def metrics(variant: str, seed: int) -> dict[str, float]:
     run = run_dir(variant, seed)
-    read = lambda name, file: json.loads((run / "eval" / name / file).read_text())["metrics"]
+
+    def read(name, file):
+        return json.loads((run / "eval" / name / file).read_text())["metrics"]
+
     ret = read("main", "flickr8k__zeroshot_retrieval.json")
     row = {"cifar": read("main", "cifar10__zeroshot_classification.json")["acc1"],
            "grey": read("grey", "cifar10-grey__zeroshot_classification.json")["acc1"],

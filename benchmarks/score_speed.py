@@ -26,7 +26,7 @@ Sides, each in a fresh process, in rotating order, ``--rounds`` times (median re
 - ``baseline-dl1``: the same pipeline inside a torch ``DataLoader`` with one worker (decoding beside the model),
   main process at torch's default threads;
 - ``vlp-w1`` / ``vlp-w1-exact`` / ``vlp-w0``: ``vlp score --workers N [--exact-decode] --batch-size B`` through the
-  CLI, a fresh output folder each time; torch threads as the CLI chooses them (cores minus workers, at least 1);
+  CLI, a fresh output folder each time, torch's default threads (every core);
 - ``vlp-p2``: ``torchrun --nproc-per-node 2 -m vlp score --workers 0 --threads 1``: two scoring processes over whole
   shards, each decoding in its own thread (the CPU layout docs/filtering.md recommends).
 
@@ -172,15 +172,13 @@ def run_side(side: str, case: dict, args, scratch: Path) -> dict:
     for table in sorted(out.glob("*.parquet")):
         t = pq.read_table(table, columns=["uid", "score"]).to_pydict()
         scores.update(zip(t["uid"], t["score"]))
-    from vlp.eval.cli import cpu_threads
-
     if side.startswith("vlp-p"):  # the ranks' loops run side by side: their last rates add up
         last = dict(re.findall(r"score rank (\d+)[^\n\r]*?(\d+) samples/s", proc.stderr))
         rate = float(sum(int(v) for v in last.values())) if last else float("nan")
         return {"wall": wall, "rate": rate, "samples": len(scores), "threads": 1, "scores": scores}
     rates = re.findall(r"(\d+) samples/s", proc.stderr)
     return {"wall": wall, "rate": float(rates[-1]) if rates else float("nan"), "samples": len(scores),
-            "threads": cpu_threads(int(re.match(r"vlp-w(\d+)", side).group(1))), "scores": scores}
+            "threads": len(os.sched_getaffinity(0)), "scores": scores}
 
 
 def compare(scores: dict, baseline: dict) -> dict:
@@ -201,8 +199,8 @@ def compare(scores: dict, baseline: dict) -> dict:
 
 def larger_pool(images: int) -> str:
     """``images`` Flickr8k test images at their stored 160 px, one sample per image, written with vlp's writer."""
-    folder = OUT / "pools" / f"flickr8k-160-{images}"
-    spec = str(folder / "00000.tar")  # one shard: vlp's batches never span shards, the baseline's would
+    folder = OUT / "pools" / f"flickr8k-160-{images}-2shards"
+    spec = str(folder / "{00000..00001}.tar")  # two shards, so that two scoring processes (vlp-p2) have one each
     if (folder / "manifest.json").exists():
         return spec
     names = (FLICKR / "splits" / "test.txt").read_text().split()[:images]
@@ -211,7 +209,8 @@ def larger_pool(images: int) -> str:
         split.write("\n".join(names) + "\n")
     subprocess.run([str(Path(sys.executable).parent / "vlp"), "shards", "captions", "--images", str(FLICKR / "images"),
                     "--captions", str(FLICKR / "captions.txt"), "--split", split.name, "--per-image",
-                    "--samples-per-shard", str(images), "--workers", "1", "--out", str(folder), "--overwrite"],
+                    "--samples-per-shard", str((images + 1) // 2), "--workers", "1", "--out", str(folder),
+                    "--overwrite"],
                    cwd=REPO, check=True, capture_output=True)
     os.unlink(split.name)
     return spec
@@ -309,7 +308,8 @@ def host() -> dict:
 
 def markdown(results: list[dict], info: dict, rounds: int) -> str:
     header = (f"CPU: {info['cpu']} ({info['cores']} cores), torch {info['torch']}; baseline at torch's default "
-              f"{info['torch_default_threads']} threads, vlp at the CLI's cores-minus-workers; load average at start "
+              f"{info['torch_default_threads']} threads, vlp at torch's default too (vlp-p2: 1 per process); "
+              f"load average at start "
               f"{', '.join(f'{x:.1f}' for x in info['load_average'])}; median of {rounds} round(s).")
     columns = ("| model | pool | side | threads | samples | wall s | loop img/s | x baseline (loop) "
                "| x baseline (wall) | max abs(score - baseline) | mean abs | top-30% shared |")

@@ -273,7 +273,8 @@ def main() -> None:
                "runs": {}}
     for name, run in runs.items():
         rows = curves[name]
-        summary["runs"][name] = {"wall_s": run["seconds"], "steps": rows[-1]["step"], "samples_seen": rows[-1]["samples"],
+        summary["runs"][name] = {"wall_s": run["seconds"], "steps": rows[-1]["step"],
+                                 "samples_seen": rows[-1]["samples"],
                                  "final_loss": rows[-1]["loss"], "weights": run["weights"],
                                  "metrics": evaluate(out, name.replace(" ", "-"), run["weights"],
                                                      run.get("model", MODEL))}

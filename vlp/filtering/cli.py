@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     s.add_argument("--batch-size", type=int, default=256)
     s.add_argument("--workers", type=int, default=1, help="decoding processes per rank")
     s.add_argument("--device", default="auto", help="auto: cuda:LOCAL_RANK where CUDA is available, else cpu")
-    s.add_argument("--threads", type=int, help="torch threads on CPU (default: cores left by the workers)")
+    s.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's, every core)")
     s.add_argument("--exact-decode", action="store_true",
                    help="decode every JPEG pixel (open_clip's preprocessing) instead of DCT-scaled fast decoding")
     s.add_argument("--embeddings", action="store_true",
@@ -75,7 +75,6 @@ def run(args) -> int:
 def run_score(args) -> int:
     import torch
 
-    from vlp.eval.cli import cpu_threads
     from vlp.eval.models import load_model
     from vlp.filtering import score
 
@@ -83,8 +82,11 @@ def run_score(args) -> int:
     device = args.device
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(args.threads or cpu_threads(args.workers))
+    if device == "cpu" and args.threads:
+        # By default torch keeps every core: scoring is bound by the image tower, and the decoding worker needs a
+        # fraction of a core (ViT-B/32 on 2 idle cores: 1 thread + 1 worker scores at 0.8x a plain 2-thread loop;
+        # benchmarks/score_speed.py). Under load, fewer threads can be faster: --threads.
+        torch.set_num_threads(args.threads)
     opts = score.ScoreOptions(batch_size=args.batch_size, workers=args.workers, fast_decode=not args.exact_decode,
                               embeddings=args.embeddings or bool(args.dedup_suite))
     start = time.time()
