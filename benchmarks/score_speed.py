@@ -5,8 +5,9 @@
     .venv/bin/python benchmarks/score_speed.py --profile  # also where vlp score's time goes (filter model)
 
 Cases (model x pool):
-- ``filter``: the data filtering network ``work/dfn/filter`` (vlp-r10t-32-t2m2: 32 px ResNet image tower, tiny text
-  tower) on ``work/pools/flickr8k-noisy/{00000..00002}.tar`` (3,000 samples, 64 px JPEGs);
+- ``filter``: the data filtering network ``work/dfn-flickr8k/filter-network`` (benchmarks/dfn_proof.py trains it;
+  vlp-r10t-32-t2m2: 32 px ResNet image tower, tiny text tower) on ``work/pools/flickr8k-noisy/{00000..00002}.tar``
+  (3,000 samples, 64 px JPEGs);
 - ``vit``: ``ViT-B-32`` with random weights (seed 0, as ``vlp score`` builds it) on the first 128 Flickr8k test
   images at their stored 160 px, written with ``vlp shards captions --per-image`` into
   ``benchmarks/out/score_speed/pools`` (one shard). The 160 px images are upscaled to 224, so fast decoding has
@@ -57,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out" / "score_speed"
 FLICKR = REPO.parent / "shared" / "data" / "flickr8k"
 NOISY = REPO / "work" / "pools" / "flickr8k-noisy"
+FILTER = "work/dfn-flickr8k/filter-network"
 GOAL = 2.0
 IMAGE_KEYS = "jpg;png;webp"
 
@@ -220,7 +222,7 @@ def cases(args) -> list[dict]:
     found = []
     if "filter" in args.cases:
         last = 0 if args.quick else 2
-        found.append({"name": "filter", "model": "work/dfn/filter", "pool": str(NOISY / f"{{00000..{last:05d}}}.tar"),
+        found.append({"name": "filter", "model": FILTER, "pool": str(NOISY / f"{{00000..{last:05d}}}.tar"),
                       "pool_desc": f"flickr8k-noisy, {last + 1} shards, 64 px",
                       "sides": ["baseline", "vlp-w1", "vlp-w1-exact"] if args.quick else
                                ["baseline", "baseline-t1", "baseline-dl1", "vlp-w1", "vlp-w1-exact", "vlp-w0",
@@ -251,7 +253,7 @@ def profile(batches: int = 4, batch_size: int = 256) -> dict:
     from vlp.filtering.table import SCHEMA
 
     torch.set_num_threads(1)
-    model = load_model("work/dfn/filter")
+    model = load_model(FILTER)
     score._use_packed_text(model)
     samples = []
     for s in iter_raw_samples(str(NOISY / "00000.tar")):
