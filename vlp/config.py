@@ -45,6 +45,10 @@ class DataConfig:
     captions_per_sample: int = 1  # k > 1 with caption "random": k captions per image and step (objectives average)
     drop_last: bool = False  # drop each worker's short last batch (always on with several ranks)
     scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range, as open_clip's default
+    # RandomResizedCrop aspect range (width / height), as open_clip's default. A crop of another shape than the
+    # model's square input is resized to it (squashed): tall pedestrian crops (48x128) keep head and feet with
+    # [0.375, 0.375]; at the default 3/4..4/3 every crop of them is the central 48x64 (torchvision's fallback)
+    ratio: tuple[float, float] = (0.75, 4 / 3)
     draft: bool = True
     hflip: bool = False  # random horizontal flip (data augmentation)
     in_memory: bool = False  # decode one source's samples once and keep them in RAM (vlp/data/memory.py)
@@ -58,6 +62,12 @@ class DataConfig:
     token_drop: float = 0.0
     # a square of this side (pixels) of each image filled with the normalisation mean; 0 = off
     cutout: int = 0
+    # [P, K]: batches of P identities x K images each (json identity; in memory only), P >= 2 and P*K the batch
+    # size: identity-level objectives need positives in the batch (vlp/data/memory.py, identity_order)
+    identity_batches: Optional[list[int]] = None
+    # slot -> its values, e.g. {upper_color: [black, white, ...]}: json["attributes"] become the batch's
+    # ``attributes`` (N, slots) int64 tensor, -1 where a slot is absent or its value is not listed
+    attributes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -66,6 +76,10 @@ class ModelConfig:
     pretrained: Optional[str] = None  # an open_clip tag or a local weights file
     init_logit_scale: Optional[float] = None  # log-space; open_clip's default is log(1/0.07)
     init_logit_bias: Optional[float] = None  # SigLIP: -10
+    # the eval transform's resize, where it should differ from the model's own: "squash" resizes a whole non-square
+    # image to the square input (pedestrian crops keep head and feet; pair it with data.ratio), "shortest" crops
+    # the centre. Saved with the run, so vlp eval of the run uses it
+    resize_mode: Optional[str] = None
     logit_scale_max: float = 100.0
     grad_checkpointing: bool = False
     # torch.compile: true = the whole model; "visual" or "text" = that tower only (compiled in place, so
@@ -328,7 +342,8 @@ def validate(exp: Experiment) -> None:
         raise ConfigError("objectives: no objective given")
     # the components' own checks, imported here: vlp.config itself stays free of torch (load_model_config, the CLI)
     from vlp.data.augment import check_augment
-    from vlp.data.memory import check_size_schedule
+    from vlp.data.batch import check_attribute_vocabulary
+    from vlp.data.memory import check_identity_batches, check_size_schedule
     from vlp.data.stream import check_caption_options
     from vlp.models import model_image_size
     from vlp.models.parts import check_part
@@ -343,6 +358,16 @@ def validate(exp: Experiment) -> None:
         except ValueError as e:
             raise ConfigError(f"model.name: {e}") from None
     check_augment(d.color_jitter, d.token_drop, d.cutout, size)
+    if exp.model.resize_mode not in (None, "shortest", "squash"):
+        raise ConfigError(f"model.resize_mode: {exp.model.resize_mode!r} is not 'shortest', 'squash' or null")
+    if not (0 < d.ratio[0] <= d.ratio[1]):
+        raise ConfigError(f"data.ratio: {list(d.ratio)} needs 0 < low <= high (width / height)")
+    if d.identity_batches is not None:
+        check_identity_batches(d.identity_batches, d.batch_size, "data.")
+        if not d.in_memory:
+            raise ConfigError("data.identity_batches: needs data.in_memory: true (the streaming loader does not group "
+                              "samples by identity)")
+    check_attribute_vocabulary(d.attributes, "data.attributes")
     if d.size_schedule and size is not None:
         check_size_schedule(d.size_schedule, size)
     for i, source in enumerate(d.train):
@@ -352,7 +377,21 @@ def validate(exp: Experiment) -> None:
         check_part(name, options)
     for i, o in enumerate(exp.objectives):
         build_objective(o.name, o.options, key=f"objectives[{i}]")
+    _check_attribute_counts(exp)
     _validate_filtering(exp)
+
+
+def _check_attribute_counts(exp: Experiment) -> None:
+    """An attribute head and the attributes objective count each slot's values as data.attributes lists them."""
+    counts = [len(values) for values in exp.data.attributes.values()]
+    places = [(f"model.parts.{name}.classes", options.get("classes")) for name, options in exp.model.parts.items()
+              if isinstance(options, dict) and options.get("type") == "attribute_head"]
+    places += [(f"objectives[{i}].options.classes", o.options.get("classes")) for i, o in enumerate(exp.objectives)
+               if o.name == "attributes"]
+    for key, classes in places:
+        if classes != counts:
+            raise ConfigError(f"{key}: {classes} values per slot, but data.attributes lists {counts}"
+                              f"{' (no slot: set data.attributes)' if not counts else ''}")
 
 
 def _validate_filtering(exp: Experiment) -> None:

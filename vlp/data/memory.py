@@ -20,6 +20,11 @@ the batch.
 ``data.size_schedule`` (in memory only) lowers the crop size of early epochs (progressive resizing, as in FFCV's
 ImageNet recipes); a convolutional tower takes any size, and the last entry must be the model's own.
 
+``data.identity_batches`` [P, K] makes every batch P distinct identities x K images each (:func:`identity_order`),
+for identity-level objectives, which need positives in the batch: still every sample once per epoch (an identity's
+last group is topped up with other images of it), a batch order drawn from (seed, epoch), the same on every rank,
+rank r of W taking batches r, r+W, ...; the position is still (epoch, next batch).
+
 Several sources mix by weight (``data.train`` with weights and ``data.samples_per_epoch``): an epoch holds
 ``samples_per_epoch`` samples, source i's share of them in proportion to its weight (largest remainders), taken in
 turn from an endless sequence of that source's samples, each pass over it in a fresh order seeded by (seed, source,
@@ -71,7 +76,14 @@ class MemoryLoader:
         self.size_schedule = check_size_schedule(size_schedule, opts.image.size)
         self.skipped: Counter = Counter()
         self.epoch, self.next_batch = 0, 0
+        self._identity_epoch: tuple[int, list[list[int]]] | None = None
         self._load(sources, tokenizer)
+        if opts.identity_batches:
+            check_identity_batches(opts.identity_batches, opts.batch_size)
+            known = {r["identity"] for r in self.rows} - {-1}
+            if len(known) < opts.identity_batches[0]:
+                raise ValueError(f"data.identity_batches: {opts.identity_batches[0]} identities per batch, but "
+                                 f"{self.shard_text} holds {len(known)} (json identity)")
 
     # -- loading ---------------------------------------------------------------------------------------------
     def _load(self, sources: list[Source], tokenizer) -> None:
@@ -169,7 +181,19 @@ class MemoryLoader:
             rows.append(first + taken)
         return torch.cat(rows)
 
+    def _identity_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches (row lists) of an identity-batched epoch: every W-th of the epoch's batches, as many
+        on every rank."""
+        if self._identity_epoch is None or self._identity_epoch[0] != epoch:
+            p, k = self.opts.identity_batches
+            batches = identity_order([r["identity"] for r in self.rows], p, k, self.opts.seed, epoch)
+            usable = len(batches) // self.world_size * self.world_size
+            self._identity_epoch = (epoch, batches[self.rank:usable:self.world_size])
+        return self._identity_epoch[1]
+
     def batches_per_epoch(self) -> int:
+        if self.opts.identity_batches:
+            return len(self._identity_batches(self.epoch))
         lo, hi = split_range(self.num_samples, self.rank, self.world_size)
         n, size = hi - lo, self.opts.batch_size
         return n // size if self.opts.drop_last else -(-n // size)
@@ -209,11 +233,15 @@ class MemoryLoader:
         pass
 
     def __iter__(self) -> Iterator[dict]:
-        order = self._rank_order(self.epoch)
-        size = self.opts.batch_size
-        for b in range(self.next_batch, self.batches_per_epoch()):
+        if self.opts.identity_batches:
+            batches = self._identity_batches(self.epoch)
+            rows = [torch.tensor(b) for b in batches]
+        else:
+            order, size = self._rank_order(self.epoch), self.opts.batch_size
+            rows = [order[b * size:(b + 1) * size] for b in range(self.batches_per_epoch())]
+        for b in range(self.next_batch, len(rows)):
             self.next_batch = b + 1
-            yield self._batch(order[b * size:(b + 1) * size], b)
+            yield self._batch(rows[b], b)
         self.set_epoch(self.epoch + 1)
 
     # -- one batch ---------------------------------------------------------------------------------------------
@@ -241,6 +269,65 @@ class MemoryLoader:
         texts = [[self.captions[i][c] for c in chosen] for i, chosen in zip(idx, picks)]
         seed = rng.getrandbits(62) if augmenting(opts) else None  # the batch's last draw: the others stay as they were
         return collate([self.rows[i] for i in idx], texts, images, tokens, opts, seed)
+
+
+def check_identity_batches(pk, batch_size: int, prefix: str = "data.") -> None:
+    """``[P, K]`` with P >= 2 identities (a batch of one identity has no negatives) and K >= 1, P*K the batch size."""
+    key = f"{prefix}identity_batches"
+    if not (isinstance(pk, (list, tuple)) and len(pk) == 2 and all(isinstance(x, int) for x in pk)):
+        raise ValueError(f"{key}: {pk!r} is not [P, K] (identities per batch, images per identity)")
+    p, k = pk
+    if p < 2 or k < 1:
+        raise ValueError(f"{key}: [{p}, {k}] needs P >= 2 identities per batch (one identity alone has no negatives) "
+                         "and K >= 1")
+    if p * k != batch_size:
+        raise ValueError(f"{key}: P x K = {p} x {k} = {p * k}, but {prefix}batch_size is {batch_size}: make them equal")
+
+
+def identity_order(identities: list[int], p: int, k: int, seed: int, epoch: int) -> list[list[int]]:
+    """An epoch of P x K batches over rows labelled ``identities`` (rows of identity -1 take no part), as lists of
+    row indices: P distinct identities, K rows each, identity-major.
+
+    Each identity's rows are shuffled and cut into groups of K; a short last group is topped up with other rows of
+    the same identity (drawn without repeating while it has enough, with repeats when it holds fewer than K). Each
+    batch takes one group from each of P distinct identities, drawn with probability growing with the groups they
+    have left (Efraimidis-Spirakis weighted sampling), so identities run out together. When fewer than P identities
+    have groups left, the last batches take theirs and fill up with fresh groups of other identities: every row is
+    seen at least once per epoch. The same (seed, epoch) gives the same batches: a resumed run continues exactly.
+    (torchreid's RandomIdentitySampler, Zhou et al., works alike but drops the short groups and the leftovers.)"""
+    rng = random.Random(f"{seed}/identity/{epoch}")
+    rows_of: dict[int, list[int]] = {}
+    for row, identity in enumerate(identities):
+        if identity >= 0:
+            rows_of.setdefault(identity, []).append(row)
+    if len(rows_of) < p:
+        raise ValueError(f"data.identity_batches: {p} identities per batch, but the data holds {len(rows_of)}")
+
+    def fresh_group(identity: int) -> list[int]:
+        rows = rows_of[identity]
+        return rng.sample(rows, k) if len(rows) >= k else rng.choices(rows, k=k)
+
+    groups: dict[int, list[list[int]]] = {}
+    for identity in sorted(rows_of):
+        rows = rows_of[identity][:]
+        rng.shuffle(rows)
+        cut = [rows[i:i + k] for i in range(0, len(rows), k)]
+        short = k - len(cut[-1])
+        if short:
+            others = [r for r in rows if r not in cut[-1]]
+            cut[-1] += rng.sample(others, short) if len(others) >= short else rng.choices(rows, k=short)
+        groups[identity] = cut
+    batches = []
+    while any(groups.values()):
+        left = [i for i in sorted(groups) if groups[i]]
+        if len(left) >= p:
+            chosen = sorted(left, key=lambda i: rng.random() ** (1.0 / len(groups[i])), reverse=True)[:p]
+            batches.append([row for i in chosen for row in groups[i].pop()])
+        else:
+            fill = rng.sample([i for i in sorted(groups) if i not in left], p - len(left))
+            batches.append([row for i in left for row in groups[i].pop()]
+                           + [row for i in fill for row in fresh_group(i)])
+    return batches
 
 
 def check_size_schedule(schedule, final: int) -> list[tuple[int, int]]:

@@ -70,6 +70,8 @@ class StreamOptions:
     token_drop: float = 0.0  # each caption token but the start and end-of-text dropped with this probability
     cutout: int = 0  # side in pixels of a square of each image filled with the mean; 0 = off
     normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
+    attributes: dict | None = None  # slot -> values: the batch's ``attributes`` tensor (vlp/data/batch.py)
+    identity_batches: tuple[int, int] | None = None  # (P, K): P identities x K images per batch (in memory only)
 
     def __post_init__(self):
         check_augment(self.color_jitter, self.token_drop, self.cutout, self.image.size)

@@ -323,7 +323,10 @@ class IdentityDataset(EvalDataset):
         # regex on the file name, group 1 the camera; a name it does not match has no known camera, which only
         # gallery_rule same_camera needs (then every file must match); None: no camera at all
         camera: str | None = r"^(\d+)_"
-        captions: str | None = None  # "<person>/<file>,<caption>" lines: text queries
+        # text queries: a file of "<person>/<file>,<caption>" lines, or "attributes": each query image's
+        # pseudo-caption read off it (vlp/data/attributes.py; what vlp shards identities --captions attributes stores
+        # as txt)
+        captions: str | None = None
 
     def _listing(self, part: str) -> list[tuple[str, Path]]:
         """(person, image path) of every image of a part."""
@@ -362,9 +365,14 @@ class IdentityDataset(EvalDataset):
 
     def text_queries(self) -> list[tuple[str, str]]:
         """(person, caption) for every line of the captions file (Flickr8k's ``image,caption`` layout, the image
-        given as ``<person>/<file>``)."""
+        given as ``<person>/<file>``), or of every query image with ``captions: attributes``."""
         if not self.options.captions:
             return []
+        if self.options.captions == "attributes":
+            from vlp.data.attributes import caption_image
+
+            return [(person, caption_image(path, f"{person}/{path.name}")[0][0])
+                    for person, path in self._listing(self.options.query)]
         path = self._exists(self.base / self.options.captions, "caption file")
         queries = []
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -103,8 +103,16 @@ class VLPModel(nn.Module):
         if getattr(self.clip, "logit_bias", None) is not None:
             out["logit_bias"] = self.clip.logit_bias
         for name in self.heads:
-            out.update(self.parts[name](out, inputs))
+            part = self.parts[name]
+            out.update(part(out, inputs, self.image_tokens) if part.image_tokens else part(out, inputs))
         return out
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w): the image tower's last feature map (a ViT's patch tokens after its final norm, a ResNet's
+        last stage), through open_clip's ``forward_intermediates``."""
+        found = self.clip.visual.forward_intermediates(images, indices=1, normalize_intermediates=True,
+                                                       intermediates_only=True, output_fmt="NCHW")
+        return found["image_intermediates"][-1]
 
     def _text(self, tokens: torch.Tensor, kind_ids: torch.Tensor | None, plan, normalize: bool) -> torch.Tensor:
         prefix = None if kind_ids is None else self.prefix.vectors_for(kind_ids)
@@ -144,8 +152,22 @@ def tower_spec(clip: nn.Module, name: str) -> TowerSpec:
             size = size if isinstance(size, int) else size[0]
             embed_dim = int(clip.encode_image(torch.zeros(1, 3, size, size)).shape[-1])
     own = isinstance(clip, open_clip.CLIP)
+    pp = open_clip.get_model_preprocess_cfg(clip)
     return TowerSpec(embed_dim=embed_dim, text_width=int(clip.token_embedding.weight.shape[1]) if own else 0,
-                     context_length=int(getattr(clip, "context_length", 0) or 0))
+                     context_length=int(getattr(clip, "context_length", 0) or 0),
+                     image_width=image_token_width(clip.visual), mean=tuple(pp["mean"]), std=tuple(pp["std"]))
+
+
+def image_token_width(visual: nn.Module) -> int:
+    """Channels of ``VLPModel.image_tokens``' feature map: a timm trunk's ``num_features``, a ViT's width, a
+    ModifiedResNet's last stage; 0 for a tower of another kind."""
+    if hasattr(visual, "trunk"):
+        return int(visual.trunk.num_features)
+    if hasattr(visual, "transformer") and hasattr(visual, "ln_post"):
+        return int(visual.transformer.width)
+    if hasattr(visual, "attnpool"):
+        return int(visual.attnpool.k_proj.in_features)
+    return 0
 
 
 def model_kwargs(cfg: "ModelConfig") -> dict:
@@ -155,6 +177,8 @@ def model_kwargs(cfg: "ModelConfig") -> dict:
         kwargs["init_logit_scale"] = cfg.init_logit_scale
     if cfg.init_logit_bias is not None:
         kwargs["init_logit_bias"] = cfg.init_logit_bias
+    if cfg.resize_mode is not None:
+        kwargs["force_preprocess_cfg"] = {"resize_mode": cfg.resize_mode}
     return kwargs
 
 

@@ -6,12 +6,15 @@ A part is chosen by ``type`` in the config's ``model.parts`` section, under a na
       parts:
         prefix: {type: text_prefix, kinds: [caption, label], length: 4}
         label_head: {type: linear_head, input: image_features, classes: 10}
+        attributes: {type: attribute_head, classes: [11, 11]}      # PLIP's image-guided attribute prediction
+        colorizer: {type: colorizer, resolution: 8}                 # PLIP's text-guided image colorization
 
 Every part is built from ``(spec, **options)``, where ``spec`` (:class:`TowerSpec`) gives the towers' sizes. A head
 reads the model's outputs (and the batch fields it names in ``fields``) and adds outputs of its own, named in
 ``outputs`` with how gradient accumulation merges them (:data:`ROWS`: one row per sample, concatenated over the
 micro-batches; :data:`SHARED`: the same value for every sample, a parameter or a function of parameters only).
-A part's parameters belong to the model, so the optimizer, DDP/FSDP, the EMA and checkpoints cover them.
+A part's parameters belong to the model, so the optimizer, DDP/FSDP, the EMA and checkpoints cover them. A part
+with ``image_tokens`` set is also handed the model's spatial image encoder (``VLPModel.image_tokens``).
 """
 from __future__ import annotations
 
@@ -35,13 +38,17 @@ class TowerSpec:
     embed_dim: int  # width of the image and text features
     text_width: int  # width of the text tower's token embeddings (0: not open_clip's CLIP text tower)
     context_length: int
+    image_width: int = 0  # channels of the image tower's last feature map (VLPModel.image_tokens); 0: unknown
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)  # the normalisation of the model's input images
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
 
 class Part(nn.Module):
     fields: tuple[str, ...] = ()  # batch fields the part reads, moved to the device with the inputs
     outputs: dict[str, str] = {}  # output name -> ROWS or SHARED
+    image_tokens: bool = False  # forward also gets the model's image_tokens(images) -> (N, C, h, w)
 
-    def forward(self, out: dict, inputs: dict) -> dict:
+    def forward(self, out: dict, inputs: dict, image_tokens=None) -> dict:
         """Outputs computed from the model's outputs so far (``out``) and its inputs."""
         raise NotImplementedError
 
@@ -114,5 +121,84 @@ class LinearHead(Part):
         self.linear = nn.Linear(spec.embed_dim, classes)
         self.outputs = {name: ROWS}
 
-    def forward(self, out: dict, inputs: dict) -> dict:
+    def forward(self, out: dict, inputs: dict, image_tokens=None) -> dict:
         return {self.name: self.linear(out[self.input])}
+
+
+@PARTS.register("attribute_head")
+class AttributeHead(Part):
+    """Image-guided attribute prediction (PLIP, Zuo et al. 2023): one linear classifier per attribute slot on the
+    image features, ``classes`` values per slot in ``data.attributes`` order; output ``<name>``, (N, sum(classes))
+    logits, slot after slot (the ``attributes`` objective splits them).
+
+    The formulation: every slot of the caption is masked and predicted from the image alone. PLIP masks the attribute
+    words of the caption and predicts them from the image with the rest of the caption as context; in a templated
+    pseudo-caption the rest is the template, which says nothing of the values, so the context is left out and the
+    head costs one matrix product."""
+
+    def __init__(self, spec: TowerSpec, name: str, classes: list[int]):
+        super().__init__()
+        if not (isinstance(classes, list) and classes and all(isinstance(c, int) and c >= 2 for c in classes)):
+            raise ValueError(f"model.parts.{name}.classes: {classes!r} is not a list of value counts (2 or more), "
+                             "one per slot of data.attributes")
+        self.name, self.classes = name, list(classes)
+        self.linear = nn.Linear(spec.embed_dim, sum(classes))
+        self.outputs = {name: ROWS}
+
+    def forward(self, out: dict, inputs: dict, image_tokens=None) -> dict:
+        return {self.name: self.linear(out["image_features"])}
+
+
+# ITU-R BT.601 luma and the chroma of full-range YCbCr (JPEG's), on RGB in [0, 1]: a grey pixel has Cb = Cr = 0
+LUMA = (0.299, 0.587, 0.114)
+CHROMA = ((-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+@PARTS.register("colorizer")
+class Colorizer(Part):
+    """Text-guided image colorization (PLIP): the image tower sees a greyscale copy of each image (its luma, BT.601),
+    and a small decoder predicts the image's colour from the copy's spatial features conditioned on the caption.
+
+    Colour is the chroma of full-range YCbCr (Cb, Cr in [-0.5, 0.5]; zero for every grey pixel), averaged over a
+    ``resolution`` x ``resolution`` grid: the target ``<name>_target`` (N, 2, R, R). The decoder: a 1x1 convolution of
+    the last feature map to ``width`` channels, scaled and shifted by the caption's features (FiLM, Perez et al.
+    2018), resized to R x R (bilinear), a 3x3 and a 1x1 convolution; output ``<name>`` (N, 2, R, R). The grey copy
+    costs one more pass of the image tower per step (its forward and backward)."""
+    image_tokens = True
+
+    def __init__(self, spec: TowerSpec, name: str, resolution: int = 8, width: int = 64):
+        super().__init__()
+        if not spec.image_width:
+            raise ValueError(f"model.parts.{name}: the image tower gives no spatial features to colour from")
+        if resolution < 1 or width < 1:
+            raise ValueError(f"model.parts.{name}: resolution {resolution} and width {width} must be 1 or more")
+        self.name, self.resolution = name, resolution
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor(LUMA).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("chroma", torch.tensor(CHROMA).view(2, 3, 1, 1), persistent=False)
+        self.reduce = nn.Conv2d(spec.image_width, width, 1)
+        self.film = nn.Linear(spec.embed_dim, 2 * width)
+        self.decode = nn.Sequential(nn.GELU(), nn.Conv2d(width, width, 3, padding=1), nn.GELU(),
+                                    nn.Conv2d(width, 2, 1))
+        self.outputs = {name: ROWS, f"{name}_target": ROWS}
+
+    def targets(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(grey copies, normalised as the model's inputs; chroma targets (N, 2, R, R)) of normalised ``images``."""
+        rgb = images.float() * self.std + self.mean
+        luma = (rgb * self.luma).sum(1, keepdim=True)
+        grey = ((luma - self.mean) / self.std).to(images.dtype)
+        chroma = F.conv2d(rgb, self.chroma)
+        return grey, F.adaptive_avg_pool2d(chroma, self.resolution)
+
+    def forward(self, out: dict, inputs: dict, image_tokens=None) -> dict:
+        images = inputs["image"]
+        grey, target = self.targets(images)
+        tokens = image_tokens(grey)
+        text = out["text_features"]
+        if text.shape[0] != images.shape[0]:  # k captions per image, image-major: condition on the first
+            text = text.view(images.shape[0], -1, text.shape[-1])[:, 0]
+        scale, shift = self.film(text).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        x = self.reduce(tokens) * (1 + scale) + shift
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bilinear", align_corners=False)
+        return {self.name: self.decode(x), f"{self.name}_target": target}

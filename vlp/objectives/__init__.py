@@ -63,4 +63,4 @@ def build_objective(name: str, options: dict, key: str | None = None, **context)
     return objective
 
 
-from vlp.objectives import classify, contrastive, group  # noqa: E402,F401 - register their objectives
+from vlp.objectives import classify, contrastive, group, pretext  # noqa: E402,F401 - register their objectives

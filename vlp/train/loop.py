@@ -76,13 +76,15 @@ class StepValues:
 
 def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistInfo, seed: int) -> Loader:
     pp = open_clip.get_model_preprocess_cfg(model)
-    image = ImageOptions(size=pp["size"][0], train=True, scale=cfg.scale, draft=cfg.draft, hflip=cfg.hflip,
-                         mean=pp["mean"], std=pp["std"])
+    image = ImageOptions(size=pp["size"][0], train=True, scale=cfg.scale, ratio=tuple(cfg.ratio), draft=cfg.draft,
+                         hflip=cfg.hflip, mean=pp["mean"], std=pp["std"])
     opts = StreamOptions(batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer, seed=seed,
                          resampled=cfg.resampled, samples_per_epoch=cfg.samples_per_epoch,
                          drop_last=cfg.drop_last or dist.distributed, caption=cfg.caption,
                          captions_per_sample=cfg.captions_per_sample, image=image, color_jitter=cfg.color_jitter,
-                         token_drop=cfg.token_drop, cutout=cfg.cutout, normalize=dist.device.type == "cpu")
+                         token_drop=cfg.token_drop, cutout=cfg.cutout, normalize=dist.device.type == "cpu",
+                         attributes=cfg.attributes or None,
+                         identity_batches=tuple(cfg.identity_batches) if cfg.identity_batches else None)
     if not cfg.train:
         raise ValueError("data.train: no training source given")
     for i, source in enumerate(cfg.train):  # a set whose writer stopped: its last samples are missing
@@ -97,8 +99,9 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
         from vlp.data.memory import MemoryLoader
 
         return MemoryLoader(sources, opts, tokenizer, dist.rank, dist.world_size, size_schedule=cfg.size_schedule)
-    if cfg.size_schedule:
-        raise ValueError("data.size_schedule needs data.in_memory: true")
+    if cfg.size_schedule or cfg.identity_batches:
+        raise ValueError(f"data.{'size_schedule' if cfg.size_schedule else 'identity_batches'} needs "
+                         "data.in_memory: true")
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
