@@ -92,6 +92,45 @@ def test_the_memory_loader_makes_identity_batches_resumes_exactly_and_splits_ran
     assert not set(ranks[0][0]) & set(ranks[1][0])
 
 
+def stream_loader(shards, workers: int, shuffle: int = 0):
+    import open_clip
+
+    from vlp.data import Loader, ShardStream
+
+    opts = StreamOptions(batch_size=8, seed=0, image=ImageOptions(size=32), shuffle_buffer=shuffle,
+                         identity_batches=(2, 4), attributes=VOCAB)
+    stream = ShardStream(shards, opts, open_clip.get_tokenizer("vlp-tiny-32"), rank=0, world_size=1)
+    return Loader(stream, workers=workers, lookahead=False)
+
+
+def test_the_stream_makes_identity_batches_counts_leftovers_and_resumes_exactly(tmp_path):
+    from vlp.data.stream import identity_groups
+
+    # 7 people x 4 images and one person with 3: with P=2, K=4 three batches; 4 + 3 images cannot make a fourth
+    person_shards(tmp_path / "shards", people=7, per_person=4)
+    write_tar(tmp_path / "shards" / "00001.tar", [make_sample(f"q{j}", 100 + j, identity=9, kind="identity")
+                                                   for j in range(3)] + [make_sample("anon", 200)])
+    spec = str(tmp_path / "shards" / "{00000..00001}.tar")
+    loader = stream_loader(spec, workers=0, shuffle=16)
+    batches = list(loader)
+    assert len(batches) == 3
+    for b in batches:
+        ids = b["identity"].tolist()
+        assert ids[:4] == [ids[0]] * 4 and ids[4:] == [ids[4]] * 4 and ids[0] != ids[4]
+    assert loader.skipped == Counter({"identity_leftover": 7, "no_identity": 1})
+    uids = [b["uid"] for b in batches]
+    assert len({u for batch in uids for u in batch}) == 24
+
+    again = stream_loader(spec, workers=0, shuffle=16)
+    it = iter(again)
+    next(it)
+    state = json.loads(json.dumps(again.state_dict()))
+    resumed = stream_loader(spec, workers=0, shuffle=16)
+    resumed.load_state_dict(state)
+    assert [b["uid"] for b in resumed] == uids[1:], "a resumed stream continues with exactly the next batch"
+    assert sum(1 for _ in identity_groups(iter([]), 2, 4, Counter())) == 0
+
+
 def test_attribute_ids_index_the_vocabulary_and_mark_unknown_values():
     rows = [{"meta": {"attributes": {"upper_color": "red", "lower_color": "blue"}}},
             {"meta": {"attributes": {"upper_color": "teal"}}}, {"meta": {}}]
@@ -191,7 +230,9 @@ def test_pretext_parts_with_accumulation_equal_one_big_batch(tmp_path):
 
 # -- config checks ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("change, message", [
-    ({"data": {"identity_batches": [2, 4], "batch_size": 8}}, r"data.identity_batches: needs data.in_memory"),
+    ({"data": {"identity_batches": [2, 4], "batch_size": 8}}, r"data.identity_batches: .*set train.max_steps"),
+    ({"data": {"identity_batches": [2, 4], "batch_size": 8, "resampled": True, "samples_per_epoch": 8},
+      "train": {"max_steps": 5}}, r"data.identity_batches: streams in epochs from one source"),
     ({"data": {"identity_batches": [1, 8], "batch_size": 8, "in_memory": True}}, r"P >= 2 identities"),
     ({"data": {"identity_batches": [2, 3], "batch_size": 8, "in_memory": True}}, r"2 x 3 = 6, but data.batch_size"),
     ({"data": {"attributes": {"upper_color": ["red"]}}}, r"data.attributes.upper_color"),

@@ -43,8 +43,8 @@ def test_bad_values_are_errors_naming_file_and_key_when_the_config_loads(tmp_pat
 
 
 @pytest.mark.parametrize("objectives, message", [
-    ([{"name": "clip2"}], r"objectives\[0\].name: unknown objective 'clip2' \(known: classify, clip, "
-                          "group_contrast, siglip"),
+    ([{"name": "clip2"}], r"objectives\[0\].name: unknown objective 'clip2' \(known: attributes, classify, clip, "
+                          "colorize, group_contrast, siglip"),
     ([{"name": "clip"}, {"name": "classify"}], r"objectives\[1\].options.head: required option is missing"),
     ([{"name": "siglip", "options": {"local_loss": True}}], r"objectives\[0\].options.local_loss: unknown option"),
     ([{"name": "clip", "options": {"label_smoothing": 1.0}}], "label_smoothing: 1.0"),

@@ -62,8 +62,9 @@ class DataConfig:
     token_drop: float = 0.0
     # a square of this side (pixels) of each image filled with the normalisation mean; 0 = off
     cutout: int = 0
-    # [P, K]: batches of P identities x K images each (json identity; in memory only), P >= 2 and P*K the batch
-    # size: identity-level objectives need positives in the batch (vlp/data/memory.py, identity_order)
+    # [P, K]: batches of P identities x K images each (json identity), P >= 2 and P*K the batch size:
+    # identity-level objectives need positives in the batch (in memory: vlp/data/memory.py, identity_order;
+    # streamed: vlp/data/stream.py, identity_groups)
     identity_batches: Optional[list[int]] = None
     # slot -> its values, e.g. {upper_color: [black, white, ...]}: json["attributes"] become the batch's
     # ``attributes`` (N, slots) int64 tensor, -1 where a slot is absent or its value is not listed
@@ -364,9 +365,12 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"data.ratio: {list(d.ratio)} needs 0 < low <= high (width / height)")
     if d.identity_batches is not None:
         check_identity_batches(d.identity_batches, d.batch_size, "data.")
-        if not d.in_memory:
-            raise ConfigError("data.identity_batches: needs data.in_memory: true (the streaming loader does not group "
-                              "samples by identity)")
+        if not d.in_memory and (d.resampled or len(d.train) > 1):
+            raise ConfigError("data.identity_batches: streams in epochs from one source (not data.resampled, not "
+                              "several sources)")
+        if not d.in_memory and exp.train.max_steps is None:
+            raise ConfigError("data.identity_batches: streamed identity batches make epochs of unknown length: set "
+                              "train.max_steps")
     check_attribute_vocabulary(d.attributes, "data.attributes")
     if d.size_schedule and size is not None:
         check_size_schedule(d.size_schedule, size)

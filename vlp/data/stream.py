@@ -20,12 +20,22 @@ Bad samples are skipped and counted per reason; each batch carries the counts it
 since its previous batch under ``"skipped"``, and :class:`Loader` sums them (``loader.skipped``). A resumed worker
 drops the counts of the samples it skips over: the interrupted run's batches carried them.
 
+Identity batches (``identity_batches`` (P, K), epoch mode): after the shuffle buffer, each worker holds samples per
+identity (json ``identity``) until K of one identity are there, and emits a batch as soon as K-groups of P distinct
+identities are ready, oldest first (:func:`identity_groups`). Shards written from identity folders keep a person's
+images together, so groups fill quickly; a buffer holds at most K - 1 samples per identity seen. What cannot make a
+batch at the end of an epoch (an identity with fewer than K samples left, fewer than P identities ready) is counted
+as skipped (``identity_leftover``), as is a sample without an identity (``no_identity``). The position a worker
+reports is then the number of batches it has made: a resumed worker groups the same raw samples again (reading
+only their json) and decodes from the next batch on. Epoch lengths are unknown in this mode (``train.max_steps``).
+
 Batch augmentations (``color_jitter``, ``token_drop``, ``cutout``: vlp/data/augment.py) draw from a generator seeded by
 (seed, epoch, worker slot, sample position), so a resumed stream replays them too.
 """
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -71,7 +81,7 @@ class StreamOptions:
     cutout: int = 0  # side in pixels of a square of each image filled with the mean; 0 = off
     normalize: bool = True  # False keeps uint8 images (normalise on the accelerator instead)
     attributes: dict | None = None  # slot -> values: the batch's ``attributes`` tensor (vlp/data/batch.py)
-    identity_batches: tuple[int, int] | None = None  # (P, K): P identities x K images per batch (in memory only)
+    identity_batches: tuple[int, int] | None = None  # (P, K): P identities x K images per batch (module doc)
 
     def __post_init__(self):
         check_augment(self.color_jitter, self.token_drop, self.cutout, self.image.size)
@@ -155,6 +165,8 @@ class ShardStream(IterableDataset):
         self.mixing = len(sources) > 1
         if (opts.resampled or self.mixing) and not opts.samples_per_epoch:
             raise ValueError("resampled or mixed streams need samples_per_epoch (they never run out on their own)")
+        if opts.identity_batches and (opts.resampled or self.mixing):
+            raise ValueError("identity_batches: streams in epochs from one source only (not resampled or mixed)")
         self.rank, self.world_size = (rank, world_size) if rank is not None else dist_info()
         self.decoder = ImageDecoder(opts.image)
         self.epoch = 0
@@ -174,7 +186,7 @@ class ShardStream(IterableDataset):
         if self.opts.resampled or self.mixing:
             return self.opts.samples_per_epoch
         counts = [s.samples for s in self.shards[0]]
-        return None if None in counts else sum(counts)
+        return None if None in counts or self.opts.identity_batches else sum(counts)
 
     def slot_samples(self, slot: int, slots: int) -> int | None:
         """Raw samples that slot ``slot`` of ``slots`` (rank * workers + worker) reads in one epoch, or None."""
@@ -248,6 +260,9 @@ class ShardStream(IterableDataset):
             raw = ((0, s) for s in self._epoch_samples(on_error, count))
         if opts.shuffle_buffer:
             raw = shuffled(raw, opts.shuffle_buffer, rng)
+        if opts.identity_batches:
+            yield from self._identity_batches(raw, skipped, slot)
+            return
         position = self.resume_from.get(slot, 0)
         for _ in itertools.islice(raw, position):
             pass
@@ -272,6 +287,28 @@ class ShardStream(IterableDataset):
         # Always end with a marker: the Loader needs it to keep its batch order well defined (see Loader).
         yield {"skipped": dict(skipped), "worker": slot, "position": position, "end": True}
 
+    def _identity_batches(self, raw: Iterator, skipped: Counter, slot: int) -> Iterator[dict]:
+        """P x K batches of this worker's samples (module doc); positions count batches."""
+        opts = self.opts
+        made = self.resume_from.get(slot, 0)
+        groups = identity_groups((sample for _, sample in raw), *opts.identity_batches, skipped)
+        for _ in itertools.islice(groups, made):
+            pass
+        skipped.clear()  # the interrupted run's batches counted what reading the skipped part met
+        for group in groups:
+            made += 1
+            parsed = []
+            for j, sample in enumerate(group):
+                try:
+                    parsed.append(self._decode(sample, random.Random(f"{opts.seed}/{self.epoch}/{slot}/{made}/{j}")))
+                except BadSample as e:
+                    skipped[e.reason] += 1
+                    continue
+                parsed[-1]["source"] = 0
+            if parsed:
+                yield self._collate(parsed, skipped, slot, made)
+        yield {"skipped": dict(skipped), "worker": slot, "position": made, "end": True}
+
     def _decode(self, sample: dict, rng: random.Random, prompts: LabelPrompts | None = None) -> dict:
         parsed = parse_sample(sample, self.opts.require_text, self.opts.caption, rng, self.opts.captions_per_sample,
                               prompts)
@@ -290,6 +327,39 @@ class ShardStream(IterableDataset):
         out["position"] = position  # raw samples this worker has consumed, up to and including this batch
         skipped.clear()
         return out
+
+
+def identity_groups(samples: Iterator[dict], p: int, k: int, skipped: Counter) -> Iterator[list[dict]]:
+    """Raw samples in P x K batches (lists, identity-major): a batch as soon as K-groups of P distinct identities are
+    ready, the oldest ready groups first; what is left at the end, and samples without an identity, counted in
+    ``skipped``. A function of the sample order only: the same samples give the same batches."""
+    pending: dict[int, list[dict]] = {}
+    ready: list[tuple[int, list[dict]]] = []  # (identity, K samples), oldest first
+    for sample in samples:
+        try:
+            identity = int(json.loads(sample["json"]).get("identity", -1)) if "json" in sample else -1
+        except (ValueError, TypeError, AttributeError):
+            identity = -1
+        if identity < 0:
+            skipped["no_identity"] += 1
+            continue
+        group = pending.setdefault(identity, [])
+        group.append(sample)
+        if len(group) < k:
+            continue
+        ready.append((identity, pending.pop(identity)))
+        chosen: dict[int, int] = {}  # identity -> index in ready
+        for i, (person, _) in enumerate(ready):
+            chosen.setdefault(person, i)
+            if len(chosen) == p:
+                break
+        if len(chosen) == p:
+            taken = sorted(chosen.values())
+            yield [s for i in taken for s in ready[i][1]]
+            ready = [g for i, g in enumerate(ready) if i not in set(taken)]
+    left = sum(len(g) for g in pending.values()) + sum(len(g) for _, g in ready)
+    if left:
+        skipped["identity_leftover"] += left
 
 
 def shuffled(samples: Iterator, size: int, rng: random.Random) -> Iterator:

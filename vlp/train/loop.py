@@ -99,9 +99,8 @@ def build_loader(cfg: DataConfig, model: torch.nn.Module, tokenizer, dist: DistI
         from vlp.data.memory import MemoryLoader
 
         return MemoryLoader(sources, opts, tokenizer, dist.rank, dist.world_size, size_schedule=cfg.size_schedule)
-    if cfg.size_schedule or cfg.identity_batches:
-        raise ValueError(f"data.{'size_schedule' if cfg.size_schedule else 'identity_batches'} needs "
-                         "data.in_memory: true")
+    if cfg.size_schedule:
+        raise ValueError("data.size_schedule needs data.in_memory: true")
     stream = ShardStream(sources, opts, tokenizer, rank=dist.rank, world_size=dist.world_size)
     return Loader(stream, workers=cfg.workers, pin_memory=dist.device.type == "cuda")
 
