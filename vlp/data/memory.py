@@ -21,9 +21,10 @@ the batch.
 ImageNet recipes); a convolutional tower takes any size, and the last entry must be the model's own.
 
 ``data.identity_batches`` [P, K] makes every batch P distinct identities x K images each (:func:`identity_order`),
-for identity-level objectives, which need positives in the batch: still every sample once per epoch (an identity's
-last group is topped up with other images of it), a batch order drawn from (seed, epoch), the same on every rank,
-rank r of W taking batches r, r+W, ...; the position is still (epoch, next batch).
+for identity-level objectives, which need positives in the batch: every sample at least once per epoch (an
+identity's last group is topped up with other images of it), a batch order drawn from (seed, epoch), the same on
+every rank, rank r of W taking batches r, r+W, ... (the last batches beyond a multiple of W are left out, so that
+ranks step together); the position is still (epoch, next batch).
 
 Several sources mix by weight (``data.train`` with weights and ``data.samples_per_epoch``): an epoch holds
 ``samples_per_epoch`` samples, source i's share of them in proportion to its weight (largest remainders), taken in
