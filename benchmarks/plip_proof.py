@@ -48,13 +48,13 @@ def variant(objectives: list[str], parts: list[str], pk: bool = True) -> list[st
 
 
 VARIANTS = {
-    "(a0) CLIP, shuffled batches": variant([CLIP], [], pk=False),
     "(a) CLIP": variant([CLIP], []),
     "(b) identity contrast": variant([IDC], []),
     "(c) all three": variant([IDC, ATTR, COLOR], [HEAD, DECODER]),
     "(c) without identity contrast (CLIP)": variant([CLIP, ATTR, COLOR], [HEAD, DECODER]),
     "(c) without attribute prediction": variant([IDC, COLOR], [DECODER]),
     "(c) without colorization": variant([IDC, ATTR], [HEAD]),
+    "(a0) CLIP, shuffled batches": variant([CLIP], [], pk=False),
 }
 
 
@@ -162,6 +162,8 @@ def main() -> int:
           "| i2i mAP (same image) | t2i R@1 | t2i R@5 | t2i mAP |")
     print("|---|---|" + "---|" * len(columns))
     for name, seeds in table.items():
+        if not seeds:
+            continue
         cells = [",".join(map(str, seeds))]
         for rule, metric in columns:
             values = [100 * seeds[s][rule][metric] for s in seeds]
