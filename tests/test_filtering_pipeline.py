@@ -47,3 +47,44 @@ def test_config_errors_name_the_key(tmp_path):
     exp = experiment(tmp_path / "pool", tmp_path / "work", train=[{"shards": "elsewhere"}])
     with pytest.raises(ValueError, match="leave data.train out"):
         run_filtering(exp, tmp_path / "run")
+
+
+def test_a_filter_network_stopped_by_sigterm_ends_the_pipeline_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM during the filter network's training: checkpointed, and nothing is scored with the unfinished
+    network (a restart would take those scores as complete); the same call then finishes it and scores."""
+    import os
+    import signal
+
+    import yaml
+
+    from vlp.filtering.pipeline import Interrupted
+    from vlp.train.loop import Trainer
+
+    make_shard_set(tmp_path / "pool", [6, 6])
+    config = tmp_path / "net.yaml"
+    config.write_text(yaml.safe_dump({"name": "net", "model": {"name": "vlp-tiny-32"},
+                                      "data": {"train": [{"shards": str(tmp_path / "pool" / "{00000..00001}.tar")}],
+                                               "batch_size": 4, "workers": 0},
+                                      "train": {"max_steps": 6, "epochs": 10, "log_every": 1}}))
+    exp = experiment_from_dict({"name": "dfn", "model": {"name": "vlp-tiny-32"},
+                                "filtering": {"pool": str(tmp_path / "pool"), "model_config": str(config),
+                                              "keep": ["score_top=0.5"], "work": str(tmp_path / "work"),
+                                              "samples_per_shard": 4, "workers": 0}})
+    step = Trainer.train_step
+
+    def interrupted(self, micro):
+        step(self, micro)
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(Interrupted, match="stopped before its last step"):
+        run_filtering(exp, tmp_path / "run")
+    network = tmp_path / "work" / "filter-network"
+    assert (network / "checkpoints" / "latest").exists()
+    assert not list((tmp_path / "work").glob("scores/*.parquet")), "nothing scored with the unfinished network"
+    monkeypatch.setattr(Trainer, "train_step", step)
+    run_filtering(exp, tmp_path / "run")
+    assert sorted(p.name for p in (network / "checkpoints").iterdir() if p.name.startswith("step-"))[-1] == \
+        "step-0000006"
+    assert len(list((tmp_path / "work").glob("scores/*.parquet"))) == 2

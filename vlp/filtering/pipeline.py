@@ -48,12 +48,21 @@ def run_filtering(exp: Experiment, run_dir: Path, rank: int = 0, world_size: int
     return dataclasses.replace(exp, data=data)
 
 
+class Interrupted(Exception):
+    """A stage stopped before its end (SIGTERM): the later stages must not use its output."""
+
+
 def _train_network(config: str, run_dir: Path) -> None:
-    """Train (or resume) the filter network; a finished run resumes at its last step and does no work."""
+    """Train (or resume) the filter network; a finished run resumes at its last step and does no work. Stopped by
+    SIGTERM, it is checkpointed and the pipeline ends there: scoring the pool with a network short of its steps
+    would make scores that a restart then takes as complete."""
     from vlp.train.loop import train
 
     print(f"filtering: filter network {config} in {run_dir}", flush=True)
-    train(load_experiment(config), run_dir)
+    record = train(load_experiment(config), run_dir)
+    if record.get("stopped"):
+        raise Interrupted(f"the filter network in {run_dir} stopped before its last step (SIGTERM); the same command "
+                          "resumes it, then scores the pool")
 
 
 def _score(exp: Experiment, model_spec: str, out: Path, rank: int, world_size: int) -> None:

@@ -28,11 +28,15 @@ def run(args) -> int:
         return 2
     try:
         if exp.filtering.pool is not None:  # pool -> score -> filter -> reshard, then train on the kept samples
-            from vlp.filtering.pipeline import run_filtering
+            from vlp.filtering.pipeline import Interrupted, run_filtering
             from vlp.filtering.score import distributed_env
 
             rank, world_size, _ = distributed_env()
-            exp = run_filtering(exp, Path(args.run_dir or Path(exp.out) / exp.name), rank, world_size)
+            try:
+                exp = run_filtering(exp, Path(args.run_dir or Path(exp.out) / exp.name), rank, world_size)
+            except Interrupted as e:  # as a stopped training run: checkpointed, exit 0, resumed by the same command
+                print(f"vlp train: {e}", flush=True)
+                return 0
         record = train(exp, args.run_dir)
     except TrainingDiverged as e:
         print(f"vlp train: stopped: {e}", file=sys.stderr)

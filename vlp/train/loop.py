@@ -528,4 +528,6 @@ def train(exp: Experiment, run_dir: str | Path | None = None) -> dict:
     trainer = Trainer(exp, run_dir)
     record = trainer.train()
     record["seconds"] = round(time.time() - start, 1)
+    if trainer._stop:  # SIGTERM: checkpointed before the last step; a caller with more stages must not go on
+        record["stopped"] = True
     return record
