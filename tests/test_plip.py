@@ -128,7 +128,9 @@ def test_the_stream_makes_identity_batches_counts_leftovers_and_resumes_exactly(
     resumed = stream_loader(spec, workers=0, shuffle=16)
     resumed.load_state_dict(state)
     assert [b["uid"] for b in resumed] == uids[1:], "a resumed stream continues with exactly the next batch"
-    assert sum(1 for _ in identity_groups(iter([]), 2, 4, Counter())) == 0
+    skipped = Counter()
+    groups = list(identity_groups(iter([make_sample(f"r{j}", j, identity=j % 3) for j in range(9)]), 3, 2, skipped))
+    assert len(groups) == 1 and skipped == Counter({"identity_leftover": 3})  # 3 x 2 batched, one of each left
 
 
 def test_attribute_ids_index_the_vocabulary_and_mark_unknown_values():
@@ -241,7 +243,8 @@ def test_pretext_parts_with_accumulation_equal_one_big_batch(tmp_path):
     ({"objectives": [{"name": "attributes", "options": {"classes": [4, 4]}}]}, r"objectives\[0\].options.classes.*"
                                                                               r"no slot"),
     ({"data": {"ratio": [1.0, 0.5]}}, r"data.ratio"),
-    ({"model": {"resize_mode": "longest"}}, r"model.resize_mode"),
+    ({"model": {"resize_mode": "longest"}}, r"model.resize_mode: 'longest' is not one of"),
+    ({"objectives": [{"name": "attributes"}]}, r"objectives.attributes.options.classes: None"),
 ])
 def test_bad_identity_configs_are_errors_naming_the_key(change, message):
     data = {"name": "x", "model": {"name": "vlp-tiny-32"}, "data": {"train": [{"shards": "x.tar"}]}}

@@ -316,7 +316,8 @@ def experiment_from_dict(data: dict, overrides: list[str] = (), smoke: bool = Fa
 
 
 _CHOICES = {("schedule", "name"): ("cosine", "linear", "constant"), ("train", "precision"): ("fp32", "bf16", "fp16"),
-            ("train", "device"): ("auto", "cpu", "cuda"), ("model", "compile"): (True, False, "visual", "text")}
+            ("train", "device"): ("auto", "cpu", "cuda"), ("model", "compile"): (True, False, "visual", "text"),
+            ("model", "resize_mode"): (None, "shortest", "squash")}
 
 
 def validate(exp: Experiment) -> None:
@@ -359,8 +360,6 @@ def validate(exp: Experiment) -> None:
         except ValueError as e:
             raise ConfigError(f"model.name: {e}") from None
     check_augment(d.color_jitter, d.token_drop, d.cutout, size)
-    if exp.model.resize_mode not in (None, "shortest", "squash"):
-        raise ConfigError(f"model.resize_mode: {exp.model.resize_mode!r} is not 'shortest', 'squash' or null")
     if not (0 < d.ratio[0] <= d.ratio[1]):
         raise ConfigError(f"data.ratio: {list(d.ratio)} needs 0 < low <= high (width / height)")
     if d.identity_batches is not None:

@@ -300,11 +300,10 @@ class ShardStream(IterableDataset):
             parsed = []
             for j, sample in enumerate(group):
                 try:
-                    parsed.append(self._decode(sample, random.Random(f"{opts.seed}/{self.epoch}/{slot}/{made}/{j}")))
+                    parsed.append({**self._decode(sample, random.Random(f"{opts.seed}/{self.epoch}/{slot}/{made}/{j}")),
+                                   "source": 0})
                 except BadSample as e:
                     skipped[e.reason] += 1
-                    continue
-                parsed[-1]["source"] = 0
             if parsed:
                 yield self._collate(parsed, skipped, slot, made)
         yield {"skipped": dict(skipped), "worker": slot, "position": made, "end": True}
@@ -354,9 +353,9 @@ def identity_groups(samples: Iterator[dict], p: int, k: int, skipped: Counter) -
             if len(chosen) == p:
                 break
         if len(chosen) == p:
-            taken = sorted(chosen.values())
-            yield [s for i in taken for s in ready[i][1]]
-            ready = [g for i, g in enumerate(ready) if i not in set(taken)]
+            taken = set(chosen.values())
+            yield [s for i in sorted(taken) for s in ready[i][1]]
+            ready = [g for i, g in enumerate(ready) if i not in taken]
     left = sum(len(g) for g in pending.values()) + sum(len(g) for _, g in ready)
     if left:
         skipped["identity_leftover"] += left

@@ -27,7 +27,8 @@ class AttributeObjective(Objective):
     def __init__(self, head: str = "attributes", classes: list[int] | None = None):
         super().__init__()
         if not classes or not all(isinstance(c, int) and c >= 2 for c in classes):
-            raise ValueError(f"classes: {classes!r} is not a list of value counts, one per slot of data.attributes")
+            raise ValueError(f"objectives.attributes.options.classes: {classes!r} is not a list of value counts, one "
+                             "per slot of data.attributes")
         self.head, self.classes = head, list(classes)
         self.reads = (head,)
 
